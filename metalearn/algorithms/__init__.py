@@ -1,0 +1,12 @@
+"""Algorithm registry: name -> make(cfg, model, loss_fn, n_out, n_train_classes) -> Algorithm."""
+
+from __future__ import annotations
+
+from metalearn.algorithms import finetune, maml, protonet, reptile
+
+ALGORITHMS = {
+    "maml": maml.make,
+    "reptile": reptile.make,
+    "finetune": finetune.make,
+    "protonet": protonet.make,
+}

@@ -1,0 +1,46 @@
+"""N-way K-shot episodes drawn on the device from one array holding every image of a split."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from metalearn.types import Split, Task
+
+
+def sample_episode(
+    key: jax.Array,
+    images: jax.Array,
+    *,
+    n_way: int,
+    k_shot: int,
+    k_query: int,
+    global_labels: bool = False,
+) -> Task:
+    """One episode from images [classes, drawings, H, W] (uint8, ink = 255).
+
+    N classes without replacement, K + Q distinct drawings of each, support and query disjoint.
+    Labels are the classes' positions in the random draw, which is a uniformly random order, so
+    labels are permuted afresh in every task. With global_labels the labels are the class
+    indices within the split instead (pre-training a classifier over all classes).
+    """
+    n_classes, n_drawings = images.shape[:2]
+    k_classes, k_draws = jax.random.split(key)
+    classes = jax.random.choice(k_classes, n_classes, (n_way,), replace=False)
+    draw_keys = jax.random.split(k_draws, n_way)
+    draws = jax.vmap(
+        lambda k: jax.random.choice(k, n_drawings, (k_shot + k_query,), replace=False)
+    )(draw_keys)
+    picked = images[classes[:, None], draws]  # [N, K+Q, H, W]
+    x = (picked.astype(jnp.float32) / 255.0)[..., None]  # [N, K+Q, H, W, 1]
+    labels = classes if global_labels else jnp.arange(n_way)
+    y = jnp.broadcast_to(labels[:, None], (n_way, k_shot + k_query)).astype(jnp.int32)
+
+    def flat(a):
+        return a.reshape((-1,) + a.shape[2:])
+
+    return Task(
+        support=Split(flat(x[:, :k_shot]), flat(y[:, :k_shot])),
+        query=Split(flat(x[:, k_shot:]), flat(y[:, k_shot:])),
+        task_id=jnp.zeros((), jnp.int32),
+    )

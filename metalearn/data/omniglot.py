@@ -1,0 +1,449 @@
+"""Find, verify and preprocess Omniglot once into cached numpy arrays; split its classes.
+
+Pixels: images are uint8 with the ink bright (stroke 255, background 0), so `images / 255` is
+the `1 - pixel` input the MAML reference feeds its network. Each 105x105 PNG is converted to
+grayscale ("L") and resized with PIL LANCZOS, as learn2learn and torchvision pipelines do. (The
+MAML reference calls `resize((28, 28), LANCZOS)` on the mode-"1" files, which Pillow silently
+turns into NEAREST for mode "1", giving binary images; we keep the anti-aliased grey levels.)
+
+Order: characters are sorted by set (background, then evaluation), alphabet, character; the 20
+drawings of a character by file name. Sources, first match wins: `root`, `$METALEARN_DATA` (each
+may also hold the data in an `omniglot/` subfolder), the cache folder, then a download into the
+cache that is checked against the official sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+SETS = ("images_background", "images_evaluation")
+URLS = {s: f"https://github.com/brendenlake/omniglot/raw/master/python/{s}.zip" for s in SETS}
+# The official release containers, as registered by tensorflow-datasets
+# (tensorflow_datasets/url_checksums/omniglot.txt). Only downloads are checked against these:
+# local copies are verified by content, since rebuilt zips hold the same PNGs in new containers.
+SHA256 = {
+    "images_background": "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640",
+    "images_evaluation": "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee",
+}
+DRAWINGS = 20
+FULL_RELEASE = {"images_background": 964, "images_evaluation": 659}  # characters per set
+_CACHE_VERSION = 1  # bump when preprocessing changes, so old cache files are not reused
+_PNG = re.compile(r"^[^/]+/character\d+/\d+_\d+\.png$")
+_HOW_TO_FIX = (
+    "Point to a folder holding images_background.zip and images_evaluation.zip (or their "
+    "extracted folders images_background/ and images_evaluation/) from "
+    "https://github.com/brendenlake/omniglot/tree/master/python, with data.root=/path/to/omniglot "
+    "or the METALEARN_DATA environment variable, or allow the download (download=True)."
+)
+
+Downloader = Callable[[str, Path], None]
+
+
+class DataError(ValueError):
+    """A dataset or split request that cannot be served; the message says how to fix it."""
+
+
+class OmniglotArrays(NamedTuple):
+    images: np.ndarray  # uint8 [n_characters, 20, S, S], ink 255, background 0
+    alphabet: np.ndarray  # int32 [n_characters], index into `alphabets`
+    background: np.ndarray  # bool [n_characters], True for the images_background set
+    alphabets: tuple[str, ...]  # background alphabets sorted, then evaluation ones sorted
+    characters: tuple[str, ...]  # "Alphabet/characterNN", one per row of `images`
+
+
+class _ImageSet(NamedTuple):
+    """One of the two sets found on disk, as a zip file or an extracted folder."""
+
+    name: str  # "images_background" or "images_evaluation"
+    path: Path
+    crcs: dict[str, int]  # "Alphabet/characterNN/XXXX_YY.png" -> CRC-32 of the PNG bytes
+    drawings: dict[str, list[str]]  # "Alphabet/characterNN" -> its 20 PNGs, sorted
+    top: str  # folder prefix inside a zip ("images_background/"); "" for a folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_omniglot(
+    root: str | os.PathLike[str] | None = None,
+    *,
+    image_size: int = 28,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    downloader: Downloader | None = None,
+) -> OmniglotArrays:
+    """All 1623 Omniglot characters as arrays, preprocessed on first use and cached.
+
+    An explicit `root` that does not hold the data is an error (no silent fallback to other
+    sources). `downloader(url, dest)` writes `url` to `dest`; it defaults to urllib.
+    """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DataError(
+            f"image_size={image_size!r} is not a positive integer. Use a side length in pixels "
+            "such as 28 (the MAML protocol) or 105 (the original resolution)."
+        )
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    paths = _find_sources(None if root is None else Path(root), cache, download, downloader)
+    sets = [_index_set(name, path) for name, path in paths.items()]
+    characters = _characters(sets)
+    key = _fingerprint(sets, image_size)
+    cached = cache / f"omniglot-{image_size}px-{key}.npz"
+    if cached.is_file():
+        try:
+            return _read_cache(cached)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # unreadable cache file: rebuild it below
+    data = _preprocess(sets, characters, image_size)
+    _write_cache(cached, data)
+    return data
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/metalearn/omniglot`, or `~/.cache/metalearn/omniglot`."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "metalearn" / "omniglot"
+
+
+def split_classes(
+    data: OmniglotArrays,
+    *,
+    split: str = "random",
+    seed: int = 0,
+    sizes: Sequence[int] = (1100, 100, 423),
+    val_alphabets: int = 5,
+) -> dict[str, np.ndarray]:
+    """Disjoint character indices {"train", "val", "test"} -> sorted int32 arrays.
+
+    "random": characters shuffled by `np.random.default_rng(seed)`, then cut into `sizes`
+    (the MAML / learn2learn protocol: 1100 / 100 / 423). "alphabet": the background set for
+    train and val, with its last `val_alphabets` alphabets (sorted order) held out as val, and
+    the evaluation set as test. Split before `with_rotations`, so that the rotations of a
+    character stay in the split of the character.
+    """
+    n = len(data.characters)
+    if split == "random":
+        sizes = tuple(int(s) for s in sizes)
+        if len(sizes) != 3 or min(sizes) < 0 or sum(sizes) != n:
+            train, val = round(n * 1100 / 1623), round(n * 100 / 1623)  # MAML's proportions
+            raise DataError(
+                f"split sizes={sizes} (train, val, test) add up to {sum(sizes)}, but the "
+                f"dataset has {n} characters: pass three non-negative sizes that add up to {n}, "
+                f"e.g. sizes=({train}, {val}, {n - train - val})."
+            )
+        order = np.random.default_rng(seed).permutation(n)
+        cuts = np.cumsum(sizes)[:2]
+        parts = np.split(order, cuts)
+    elif split == "alphabet":
+        background_alphabets = np.unique(data.alphabet[data.background])
+        n_bg = len(background_alphabets)
+        if not 0 <= val_alphabets < n_bg:
+            raise DataError(
+                f"val_alphabets={val_alphabets} cannot be held out of the {n_bg} background "
+                f"alphabets: use a number from 0 to {n_bg - 1} (the default is 5 of 30)."
+            )
+        held_out = background_alphabets[n_bg - val_alphabets :]
+        is_val = data.background & np.isin(data.alphabet, held_out)
+        parts = [
+            np.flatnonzero(data.background & ~is_val),
+            np.flatnonzero(is_val),
+            np.flatnonzero(~data.background),
+        ]
+    else:
+        raise DataError(
+            f"split={split!r} is not a known Omniglot split: use 'random' (characters shuffled "
+            "with a fixed seed into 1100/100/423, as in MAML) or 'alphabet' (background "
+            "alphabets for train/val, evaluation alphabets for test)."
+        )
+    return {
+        k: np.sort(p).astype(np.int32) for k, p in zip(("train", "val", "test"), parts, strict=True)
+    }
+
+
+def with_rotations(images: np.ndarray) -> np.ndarray:
+    """[C, 20, S, S] -> [4C, 20, S, S]: each class and its 90/180/270 degree rotations.
+
+    Class-major: new class 4*c + k is class c rotated counter-clockwise by k*90 degrees, so
+    class indices `idx` of the input become `4 * idx + k` here.
+    """
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise DataError(
+            f"with_rotations needs images of shape [classes, drawings, S, S], got "
+            f"{images.shape}; pass OmniglotArrays.images or a slice of its classes."
+        )
+    rotated = np.stack([np.rot90(images, k, axes=(-2, -1)) for k in range(4)], axis=1)
+    return rotated.reshape(-1, *images.shape[1:])
+
+
+def download_url(url: str, dest: Path) -> None:
+    """The default downloader: stream `url` into the file `dest`."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+        shutil.copyfileobj(response, f, length=1 << 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the data
+
+
+def _sets_in(folder: Path) -> dict[str, Path]:
+    """The sets present in `folder`, each as `<set>.zip` or an extracted `<set>/` folder."""
+    found = {}
+    for name in SETS:
+        for candidate in (folder / f"{name}.zip", folder / name):
+            if candidate.exists():
+                found[name] = candidate
+                break
+    return found
+
+
+def _find_sources(
+    root: Path | None, cache: Path, download: bool, downloader: Downloader | None
+) -> dict[str, Path]:
+    if root is not None:
+        for folder in (root, root / "omniglot"):
+            found = _sets_in(folder)
+            if len(found) == len(SETS):
+                return found
+        found = _sets_in(root)
+        raise DataError(
+            f"Omniglot was not found at data.root={root}: it holds {_describe(found)}, but both "
+            f"{SETS[0]} and {SETS[1]} are expected there, as .zip files or extracted folders "
+            f"with the layout <Alphabet>/characterNN/XXXX_YY.png. {_HOW_TO_FIX}"
+        )
+    looked = []
+    env = os.environ.get("METALEARN_DATA")
+    candidates = [Path(env), Path(env) / "omniglot"] if env else []
+    for folder in [*candidates, cache]:
+        found = _sets_in(folder)
+        if len(found) == len(SETS):
+            return found
+        label = "the cache folder" if folder == cache else "METALEARN_DATA"
+        looked.append(f"{label} {folder} ({_describe(found)})")
+    if not env:
+        looked.insert(0, "METALEARN_DATA (not set)")
+    if not download:
+        raise DataError(
+            f"Omniglot was not found and download=False. Looked in: {'; '.join(looked)}. "
+            + _HOW_TO_FIX
+        )
+    for name in SETS:
+        if not (cache / f"{name}.zip").exists():
+            _download(name, cache / f"{name}.zip", downloader or download_url, looked)
+    return {name: cache / f"{name}.zip" for name in SETS}
+
+
+def _describe(found: dict[str, Path]) -> str:
+    return f"only {', '.join(found)}" if found else "neither set"
+
+
+def _download(name: str, dest: Path, downloader: Downloader, looked: list[str]) -> None:
+    """Download one set to `dest`, checked against the official sha256, atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _temp_file(dest) as tmp:
+        try:
+            downloader(URLS[name], tmp)
+        except Exception as e:  # any failure of an injected or network downloader
+            raise DataError(
+                f"Omniglot was not found locally and downloading {URLS[name]} failed ({e}). "
+                f"Looked in: {'; '.join(looked)}. {_HOW_TO_FIX}"
+            ) from e
+        digest = _sha256(tmp)
+        if digest != SHA256[name]:
+            raise DataError(
+                f"The download of {URLS[name]} has sha256 {digest}, not the official "
+                f"{SHA256[name]}; it was discarded, so no copy of it is left in {dest.parent}. "
+                "Retry later, or download the file yourself and point data.root (or "
+                "METALEARN_DATA) at the folder holding it."
+            )
+        os.replace(tmp, dest)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifying the layout
+
+
+def _index_set(name: str, path: Path) -> _ImageSet:
+    """List the PNGs of one set with their CRCs, checking that the container opens."""
+    if path.is_dir():
+        crcs = {}
+        for file in sorted(path.rglob("*.png")):
+            rel = file.relative_to(path).as_posix()
+            crcs[rel] = zlib.crc32(file.read_bytes())
+        return _ImageSet(name, path, crcs, _check_layout(path, crcs), "")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if i.filename.endswith(".png") and not i.is_dir()]
+    except (OSError, zipfile.BadZipFile) as e:
+        raise _corrupt(path, f"it does not open as a zip file ({e})") from e
+    tops = {i.filename.split("/", 1)[0] for i in infos}
+    if len(tops) != 1:
+        raise _corrupt(path, f"its PNGs should sit under one top folder, found {sorted(tops)}")
+    top = tops.pop() + "/"
+    crcs = {i.filename[len(top) :]: i.CRC for i in infos}
+    return _ImageSet(name, path, crcs, _check_layout(path, crcs), top)
+
+
+def _check_layout(path: Path, crcs: dict[str, int]) -> dict[str, list[str]]:
+    """Group the PNGs by character, checking the layout and that each has 20 drawings."""
+    if not crcs:
+        raise _corrupt(path, "it holds no PNG files")
+    bad = [p for p in crcs if not _PNG.match(p)]
+    if bad:
+        raise _corrupt(
+            path, f"{len(bad)} PNGs are not at <Alphabet>/characterNN/XXXX_YY.png, e.g. {bad[0]}"
+        )
+    drawings: dict[str, list[str]] = {}
+    for p in sorted(crcs):
+        drawings.setdefault(p.rsplit("/", 1)[0], []).append(p)
+    wrong = {c: len(d) for c, d in drawings.items() if len(d) != DRAWINGS}
+    if wrong:
+        examples = ", ".join(f"{c} has {k}" for c, k in sorted(wrong.items())[:3])
+        raise _corrupt(
+            path, f"every character needs {DRAWINGS} drawings but {len(wrong)} do not ({examples})"
+        )
+    return drawings
+
+
+def _corrupt(path: Path, why: str) -> DataError:
+    return DataError(
+        f"The Omniglot data at {path} is corrupt or not in the expected layout: {why}. Replace "
+        "it with a fresh copy of the official release (delete it if it sits in the cache "
+        f"folder, to download it again). {_HOW_TO_FIX}"
+    )
+
+
+def _characters(sets: list[_ImageSet]) -> list[tuple[_ImageSet, str]]:
+    """(set, "Alphabet/characterNN") in the canonical order; alphabets must not repeat."""
+    out = []
+    seen: dict[str, str] = {}
+    for s in sets:
+        chars = sorted(s.drawings)
+        for alphabet in sorted({c.split("/")[0] for c in chars}):
+            if alphabet in seen:
+                raise _corrupt(s.path, f"alphabet {alphabet} is also in {seen[alphabet]}")
+            seen[alphabet] = str(s.path)
+        out += [(s, c) for c in chars]
+    return out
+
+
+def _fingerprint(sets: list[_ImageSet], image_size: int) -> str:
+    """A short content key: member names and CRCs (no full hash of the bytes), plus settings."""
+    h = hashlib.sha256(f"v{_CACHE_VERSION} {image_size}px".encode())
+    for s in sets:
+        h.update(s.name.encode())
+        for rel in sorted(s.crcs):
+            h.update(f"\n{rel} {s.crcs[rel]:08x}".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing and the cache
+
+
+def _preprocess(
+    sets: list[_ImageSet], characters: list[tuple[_ImageSet, str]], image_size: int
+) -> OmniglotArrays:
+    images = np.empty((len(characters), DRAWINGS, image_size, image_size), np.uint8)
+    alphabets = list(dict.fromkeys(c.split("/")[0] for _, c in characters))
+    for s in sets:
+        with _reader(s) as read:
+            for row, (owner, char) in enumerate(characters):
+                if owner is s:
+                    for j, rel in enumerate(s.drawings[char]):
+                        images[row, j] = _decode(read, rel, s.path, image_size)
+    return OmniglotArrays(
+        images=images,
+        alphabet=np.array([alphabets.index(c.split("/")[0]) for _, c in characters], np.int32),
+        background=np.array([s.name == SETS[0] for s, _ in characters], bool),
+        alphabets=tuple(alphabets),
+        characters=tuple(c for _, c in characters),
+    )
+
+
+@contextmanager
+def _reader(s: _ImageSet) -> Iterator[Callable[[str], bytes]]:
+    if not s.top:
+        yield lambda rel: (s.path / rel).read_bytes()
+        return
+    with zipfile.ZipFile(s.path) as zf:
+        yield lambda rel: zf.read(s.top + rel)  # zipfile checks each member's CRC here
+
+
+def _decode(read: Callable[[str], bytes], rel: str, path: Path, size: int) -> np.ndarray:
+    try:
+        image = Image.open(io.BytesIO(read(rel))).convert("L")
+        if image.size != (size, size):
+            image = image.resize((size, size), resample=Image.Resampling.LANCZOS)
+        return 255 - np.asarray(image, np.uint8)  # ink bright, as the MAML reference feeds it
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        raise _corrupt(path, f"{rel} does not decode as an image ({e})") from e
+
+
+def _read_cache(path: Path) -> OmniglotArrays:
+    with np.load(path, allow_pickle=False) as f:
+        return OmniglotArrays(
+            images=f["images"],
+            alphabet=f["alphabet"],
+            background=f["background"],
+            alphabets=tuple(str(a) for a in f["alphabets"]),
+            characters=tuple(str(c) for c in f["characters"]),
+        )
+
+
+def _write_cache(path: Path, data: OmniglotArrays) -> None:
+    """Write the arrays to `path` atomically, so readers never see a partial file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _temp_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    images=data.images,
+                    alphabet=data.alphabet,
+                    background=data.background,
+                    alphabets=np.array(data.alphabets, dtype=str),
+                    characters=np.array(data.characters, dtype=str),
+                )
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
+            os.replace(tmp, path)
+    except OSError as e:
+        # A read-only cache only costs speed: the arrays are still correct.
+        warnings.warn(
+            f"Could not cache Omniglot at {path} ({e}); it will be rebuilt next time.", stacklevel=3
+        )
+
+
+@contextmanager
+def _temp_file(dest: Path) -> Iterator[Path]:
+    """A fresh temp path beside `dest`, removed on exit unless it was renamed onto `dest`."""
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)

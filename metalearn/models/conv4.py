@@ -1,0 +1,87 @@
+"""The conv4 few-shot network (4 x conv-BN-ReLU, linear head) as pure functions over a dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from metalearn.models import conv_ops
+
+Params = dict[str, Any]
+DOWNSAMPLE = ("stride", "maxpool")
+BN_EPS = 1e-5
+
+
+def init(
+    key: jax.Array,
+    n_out: int,
+    *,
+    in_channels: int = 1,
+    hidden: int = 64,
+    downsample: str = "stride",
+    image_size: int = 28,
+) -> Params:
+    """Glorot-uniform conv and head weights, zero biases, BN scale 1 and offset 0."""
+    _check(downsample)
+    del image_size  # both downsample modes end in a [B, hidden] feature, whatever the size
+    conv_init = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)
+    keys = jax.random.split(key, 5)
+    blocks = []
+    cin = in_channels
+    for k in keys[:4]:
+        blocks.append(
+            {
+                "w": conv_init(k, (3, 3, cin, hidden), jnp.float32),
+                "b": jnp.zeros((hidden,), jnp.float32),
+                "scale": jnp.ones((hidden,), jnp.float32),
+                "offset": jnp.zeros((hidden,), jnp.float32),
+            }
+        )
+        cin = hidden
+    head = {
+        "w": jax.nn.initializers.glorot_uniform()(keys[4], (hidden, n_out), jnp.float32),
+        "b": jnp.zeros((n_out,), jnp.float32),
+    }
+    return {"blocks": blocks, "head": head}
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+    """Normalise each channel with the batch's own statistics (transductive, no running stats)."""
+    mean = x.mean(axis=(0, 1, 2))
+    var = jnp.square(x - mean).mean(axis=(0, 1, 2))
+    return (x - mean) * (scale * jax.lax.rsqrt(var + BN_EPS)) + offset
+
+
+def block(
+    p: dict[str, jax.Array], x: jax.Array, *, downsample: str, conv_impl: str | None = None
+) -> jax.Array:
+    """conv 3x3 SAME -> batch norm -> ReLU (-> 2x2 max-pool)."""
+    stride = 2 if downsample == "stride" else 1
+    h = conv_ops.conv2d(x, p["w"], stride, impl=conv_impl) + p["b"]
+    h = jax.nn.relu(batch_norm(h, p["scale"], p["offset"]))
+    return conv_ops.max_pool2x2(h) if downsample == "maxpool" else h
+
+
+def embed(
+    params: Params, x: jax.Array, *, downsample: str, conv_impl: str | None = None
+) -> jax.Array:
+    """x [B, H, W, C] float32 -> features [B, hidden]."""
+    _check(downsample)
+    for p in params["blocks"]:
+        x = block(p, x, downsample=downsample, conv_impl=conv_impl)
+    return x.mean(axis=(1, 2))  # stride: mean over what is left; maxpool: 1x1 at 28x28
+
+
+def apply(
+    params: Params, x: jax.Array, *, downsample: str, conv_impl: str | None = None
+) -> jax.Array:
+    """x [B, H, W, C] -> logits [B, n_out]."""
+    feats = embed(params, x, downsample=downsample, conv_impl=conv_impl)
+    return feats @ params["head"]["w"] + params["head"]["b"]
+
+
+def _check(downsample: str) -> None:
+    if downsample not in DOWNSAMPLE:
+        raise ValueError(f"downsample must be one of {DOWNSAMPLE}, got {downsample!r}")

@@ -1,0 +1,202 @@
+"""The outer loop: the only Python loop and the only place with side effects (logs, checkpoints)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metalearn.algorithms import ALGORITHMS
+from metalearn.algorithms.base import LossFn, task_loss_fn
+from metalearn.config import Config
+from metalearn.data import TaskSource, make_task_source
+from metalearn.evaluate import episode_metrics, make_evaluator
+from metalearn.models import Model, make_model, num_params
+from metalearn.rundir import RunDir
+from metalearn.types import Algorithm
+
+log = logging.getLogger("metalearn")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message is shown to the user as is."""
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+
+
+class Experiment(NamedTuple):
+    """Everything built from a config: the pieces train, eval and scripts share."""
+
+    cfg: Config
+    source: TaskSource
+    model: Model
+    algo: Algorithm
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+
+    @property
+    def classification(self) -> bool:
+        return self.source.kind == "classification"
+
+    @property
+    def eval_inner_steps(self) -> int:
+        steps = self.cfg.eval.inner_steps
+        return getattr(self.cfg.algo, "inner_steps", 0) if steps is None else steps
+
+
+def build(cfg: Config) -> Experiment:
+    source = make_task_source(cfg.data)
+    model = make_model(cfg.model, source.input_shape)
+    loss_fn = task_loss_fn(source.kind)
+    algo = ALGORITHMS[cfg.algo.name](
+        cfg.algo, model, loss_fn, n_out=source.n_out, n_train_classes=source.n_train_classes
+    )
+    if cfg.algo.name == "reptile":
+        # Reptile's outer step size is annealed linearly to 0, as in the paper.
+        schedule = optax.linear_schedule(cfg.train.outer_lr, 0.0, cfg.train.steps)
+        optimizer = optax.sgd(schedule)
+    else:
+        optimizer = optax.adam(cfg.train.outer_lr)
+    return Experiment(cfg, source, model, algo, loss_fn, optimizer)
+
+
+def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int):
+    """One jitted (state, split arrays, key) -> (state, metrics); the state's buffers are donated.
+
+    This is the single place where the per-task maths is vmapped over the meta-batch.
+    """
+    algo = exp.algo
+    per_task_loss = algo.meta_loss or (
+        lambda p, task, key: episode_metrics(algo, exp.loss_fn, p, task, key, inner_steps)
+    )
+
+    def batch_gradient(params, tasks, keys):
+        if algo.meta_gradient is not None:
+            grads, metrics = jax.vmap(algo.meta_gradient, (None, 0, 0))(params, tasks, keys)
+            return jax.tree.map(lambda g: g.mean(0), grads), metrics
+
+        def mean_loss(p):
+            losses, metrics = jax.vmap(per_task_loss, (None, 0, 0))(p, tasks, keys)
+            return losses.mean(), metrics
+
+        (_, metrics), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+        return grads, metrics
+
+    def step(state: TrainState, arrays, key):
+        k_tasks, k_algo = jax.random.split(key)
+        tasks = jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(
+            jax.random.split(k_tasks, meta_batch)
+        )
+        grads, metrics = batch_gradient(state.params, tasks, jax.random.split(k_algo, meta_batch))
+        updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state), jax.tree.map(jnp.mean, metrics)
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def validation_score(metrics: dict, classification: bool) -> float:
+    """Higher is better: accuracy for classification, minus the loss for regression."""
+    return metrics["accuracy"] if classification else -metrics["loss"]
+
+
+def train(cfg: Config, run: RunDir) -> dict:
+    """Train, validate every eval.every steps, test the best checkpoint; return the summary."""
+    exp = build(cfg)
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    params = exp.algo.init(init_key)
+    state = TrainState(params, exp.optimizer.init(params))
+    n_params = num_params(params)
+    train_step = make_train_step(exp, cfg.train.meta_batch, getattr(cfg.algo, "inner_steps", 0))
+    evaluate = make_evaluator(
+        exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
+    )
+    train_arrays = exp.source.splits["train"]
+    log.info(
+        "%s on %s with %s: %d parameters, %d steps -> %s",
+        cfg.algo.name, cfg.data.name, cfg.model.name, n_params, cfg.train.steps, run.path,
+    )  # fmt: skip
+
+    best = {"score": -math.inf, "step": 0, "metrics": None}
+    started = time.perf_counter()
+    train_time = 0.0
+    compile_time = 0.0
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(1, cfg.train.steps + 1):
+        t = time.perf_counter()
+        state, metrics = train_step(state, train_arrays, jax.random.fold_in(train_key, step))
+        window_steps += 1
+        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - t
+            if step == 1:
+                compile_time = elapsed
+            if not all(map(math.isfinite, metrics.values())):
+                raise TrainingError(
+                    f"The training loss became non-finite at step {step} ({metrics}). The last "
+                    f"good checkpoint is {run.path / 'checkpoints' / 'latest.npz'} (if any); "
+                    "lower train.outer_lr or algo.inner_lr."
+                )
+            now = time.perf_counter()
+            rate = window_steps / max(now - window_start, 1e-9)
+            window_start, window_steps = now, 0
+            _record(run, step, "train", metrics, started)
+            log.info("step %6d  train %s  %.1f steps/s", step, _fmt(metrics), rate)
+        train_time += time.perf_counter() - t
+
+        if step % cfg.eval.every == 0 or step == cfg.train.steps:
+            val = evaluate(state.params, "val", cfg.eval.val_tasks, cfg.eval.seed + 1)
+            _record(run, step, "val", val, started)
+            score = validation_score(val, exp.classification)
+            if score > best["score"]:
+                best = {"score": score, "step": step, "metrics": val}
+                run.save_checkpoint("best", state.params, {"step": step, "val": val})
+            run.save_checkpoint("latest", state, {"step": step, "best": best})
+            log.info("step %6d  val   %s  (best at step %d)", step, _fmt(val), best["step"])
+            window_start, window_steps = time.perf_counter(), 0
+
+    best_params, _ = run.load_checkpoint("best", state.params)
+    test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed)
+    _record(run, best["step"], "test", test, started)
+    log.info("test (best checkpoint, step %d): %s", best["step"], _fmt(test))
+    return {
+        "algo": cfg.algo.name,
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "steps": cfg.train.steps,
+        "test": test,
+        "best_val": best["metrics"],
+        "best_step": best["step"],
+        "objective": "accuracy" if exp.classification else "loss",
+        "train_time_s": round(train_time, 3),
+        "compile_time_s": round(compile_time, 3),
+        "steps_per_s": round((cfg.train.steps - 1) / max(train_time - compile_time, 1e-9), 3),
+        "total_time_s": round(time.perf_counter() - started, 3),
+        "num_params": n_params,
+        "jax_version": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "eval_inner_steps": exp.eval_inner_steps,
+    }
+
+
+def _record(run: RunDir, step: int, split: str, metrics: dict, started: float) -> None:
+    record = {"step": step, "split": split, "elapsed_s": round(time.perf_counter() - started, 3)}
+    record.update({k: float(v) for k, v in metrics.items()})
+    run.log_metrics(record)
+
+
+def _fmt(metrics: dict) -> str:
+    keys = [k for k in ("loss", "accuracy") if k in metrics]
+    return "  ".join(
+        f"{k} {metrics[k]:.4f}" + (f"±{metrics[k + '_ci95']:.4f}" if k + "_ci95" in metrics else "")
+        for k in keys
+    )

@@ -1,0 +1,47 @@
+"""The pytrees every layer shares: a split of examples, a task, and an algorithm's functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+Params = Any  # a pytree of arrays
+Metrics = dict[str, jax.Array]
+
+
+class Split(NamedTuple):
+    """Examples of one task: x [n, ...features], y [n] int32 labels or [n, d] regression targets."""
+
+    x: jax.Array
+    y: jax.Array
+
+
+class Task(NamedTuple):
+    """One task; a task batch is the same pytree with a leading task axis."""
+
+    support: Split
+    query: Split
+    task_id: jax.Array  # int32 scalar; used by multi-task conditioning
+
+
+class Algorithm(NamedTuple):
+    """Per-task maths of a learner, as pure functions (no optimizer, loop or I/O).
+
+    init(key) -> meta_params
+    adapt(meta_params, support, key, inner_steps) -> task_params   (sees the support set only)
+    predict(meta_params, task_params, x) -> predictions
+    meta_loss(meta_params, task, key) -> (loss, metrics): the training objective for one task;
+        None means the episodic loss of predict(adapt(support)) on the query set.
+    meta_gradient(meta_params, task, key) -> (update direction, metrics): for learners such as
+        Reptile whose outer update is not the gradient of a loss; None means grad of meta_loss.
+    global_labels: train on tasks labelled with split-wide class indices (pre-training).
+    """
+
+    init: Callable[[jax.Array], Params]
+    adapt: Callable[..., Params]
+    predict: Callable[[Params, Params, jax.Array], jax.Array]
+    meta_loss: Callable[[Params, Task, jax.Array], tuple[jax.Array, Metrics]] | None = None
+    meta_gradient: Callable[[Params, Task, jax.Array], tuple[Params, Metrics]] | None = None
+    global_labels: bool = False

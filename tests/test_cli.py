@@ -1,0 +1,231 @@
+"""The `metalearn` command end to end, as a user runs it: train, multirun, compare, eval, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from omniglot_fixture import make_omniglot_zips
+
+# Small but complete: every stage of a run, in seconds.
+SINUSOID = ["train.steps=40", "eval.every=20", "eval.num_tasks=30", "eval.val_tasks=10"]
+TINY_OMNIGLOT = [
+    "data=omniglot",
+    "data.n_way=3",
+    "data.k_shot=1",
+    "data.k_query=2",
+    "data.image_size=12",
+    "data.split_sizes=[12,4,4]",
+    "data.download=false",
+    "model.hidden=8",
+    "train.steps=6",
+    "train.meta_batch=2",
+    "train.log_every=2",
+    "eval.every=3",
+    "eval.num_tasks=10",
+    "eval.val_tasks=5",
+    "eval.batch=5",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xdg")
+    environ = {k: v for k, v in os.environ.items() if k != "METALEARN_DATA"}
+    environ.update(XDG_CACHE_HOME=str(cache), HYDRA_FULL_ERROR="0")
+    return environ
+
+
+@pytest.fixture(scope="module")
+def omniglot_root(tmp_path_factory):
+    # 3 + 2 alphabets x 4 characters = 20 characters: a 12/4/4 random split.
+    return make_omniglot_zips(tmp_path_factory.mktemp("omniglot"), 3, 2, 4)
+
+
+def metalearn(args, env, cwd, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "metalearn", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"metalearn {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def assert_run_dir(run: Path, classification: bool):
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "best.npz").is_file()
+    assert (run / "checkpoints" / "latest.npz").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "val", "test"}
+    for r in records:
+        assert {"step", "split", "loss", "elapsed_s"} <= set(r)
+        assert ("accuracy" in r) == classification
+    summary = json.loads((run / "summary.json").read_text())
+    keys = "algo data model seed steps test best_val train_time_s steps_per_s num_params"
+    assert set(keys.split()) | {"jax_version", "devices"} <= set(summary)
+    test_keys = {"loss", "loss_ci95", "num_tasks"} | (
+        {"accuracy", "accuracy_ci95"} if classification else set()
+    )
+    assert test_keys <= set(summary["test"])
+    assert summary["status"] == "completed"
+    return summary
+
+
+def tree_digest(path: Path) -> dict:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory, env):
+    cwd = tmp_path_factory.mktemp("work")
+    run = cwd / "runs" / "sine"
+    metalearn(["train", *SINUSOID, f"hydra.run.dir={run}"], env, cwd)
+    return run
+
+
+def test_sinusoid_run_dir_contract(sinusoid_run):
+    summary = assert_run_dir(sinusoid_run, classification=False)
+    assert summary["algo"] == "maml" and summary["data"] == "sinusoid"
+    assert summary["steps"] == 40 and summary["test"]["num_tasks"] == 30
+
+
+def test_default_run_dir_is_under_outputs(tmp_path, env):
+    metalearn(["train", "train.steps=2", "eval.num_tasks=2", "eval.val_tasks=2"], env, tmp_path)
+    runs = list((tmp_path / "outputs").glob("*/*_maml_sinusoid"))
+    assert len(runs) == 1 and (runs[0] / "summary.json").is_file()
+
+
+def test_omniglot_multirun_compare_and_eval(tmp_path, env, omniglot_root):
+    sweep = tmp_path / "sweep"
+    metalearn(
+        [
+            "train",
+            "-m",
+            "algo=maml,protonet",
+            *TINY_OMNIGLOT,
+            f"data.root={omniglot_root}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env,
+        tmp_path,
+    )
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 2
+    summaries = [assert_run_dir(run, classification=True) for run in runs]
+    assert {s["algo"] for s in summaries} == {"maml", "protonet"}
+
+    csv_path = tmp_path / "table.csv"
+    result = metalearn(["compare", str(sweep), "--csv", str(csv_path)], env, tmp_path)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and "algo" in lines[0] and "test accuracy" in lines[0]
+    assert {"maml", "protonet"} <= set(result.stdout.split())
+    accuracies = [float(line.split()[2]) for line in lines[1:]]
+    assert accuracies == sorted(accuracies, reverse=True), "sorted by the test metric"
+    assert len(csv_path.read_text().strip().splitlines()) == 3
+
+    maml_run = next(r for r, s in zip(runs, summaries) if s["algo"] == "maml")
+    before = tree_digest(maml_run)
+    result = metalearn(
+        ["eval", str(maml_run), "eval.num_tasks=7", "eval.inner_steps=2"], env, tmp_path
+    )
+    out = json.loads(result.stdout)
+    assert out["test"]["num_tasks"] == 7 and out["eval_inner_steps"] == 2
+    assert 0.0 <= out["test"]["accuracy"] <= 1.0
+    after = tree_digest(maml_run)
+    assert {k: v for k, v in after.items() if not k.startswith("evals/")} == before
+    assert any(k.startswith("evals/") for k in after)
+
+
+def test_eval_reproduces_training_test_metric(sinusoid_run, env, tmp_path):
+    summary = json.loads((sinusoid_run / "summary.json").read_text())
+    out = json.loads(metalearn(["eval", str(sinusoid_run)], env, tmp_path).stdout)
+    assert out["test"]["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)
+
+
+def corrupt_copy(root: Path, dest: Path) -> Path:
+    dest.mkdir()
+    (dest / "images_background.zip").write_bytes(b"this is not a zip file")
+    (dest / "images_evaluation.zip").write_bytes((root / "images_evaluation.zip").read_bytes())
+    return dest
+
+
+BAD_INPUTS = {
+    "unknown group option": (["algo=nosuchalgo"], "nosuchalgo"),
+    "n_way below 2": (TINY_OMNIGLOT + ["data.n_way=1"], "data.n_way=1"),
+    "k_shot below 1": (["data.k_shot=0"], "data.k_shot=0"),
+    "more ways than classes": (TINY_OMNIGLOT + ["data.n_way=5"], "data.n_way=5"),
+    "negative learning rate": (["algo.inner_lr=-0.1"], "algo.inner_lr=-0.1"),
+    "zero outer learning rate": (["train.outer_lr=0"], "train.outer_lr=0"),
+    "zero steps": (["train.steps=0"], "train.steps=0"),
+    "missing dataset": (
+        TINY_OMNIGLOT + ["data.root=/nonexistent/omniglot"],
+        "/nonexistent/omniglot",
+    ),
+    "unknown key": (["algo.no_such_key=1"], "no_such_key"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_paragraph(case, tmp_path, env, omniglot_root):
+    args, named = BAD_INPUTS[case]
+    if "data=omniglot" in args and not any(a.startswith("data.root") for a in args):
+        args = args + [f"data.root={omniglot_root}"]
+    result = metalearn(["train", *args], env, tmp_path, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    assert named in result.stderr, result.stderr
+    # A failure found once the run had started is recorded as such; nothing else is left.
+    for summary in (tmp_path / "outputs").rglob("summary.json"):
+        assert json.loads(summary.read_text())["status"] == "failed"
+
+
+def test_corrupt_dataset(tmp_path, env, omniglot_root):
+    root = corrupt_copy(omniglot_root, tmp_path / "corrupt")
+    result = metalearn(["train", *TINY_OMNIGLOT, f"data.root={root}"], env, tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "images_background.zip" in result.stderr
+
+
+def test_occupied_run_dir_is_refused_and_untouched(sinusoid_run, env, tmp_path):
+    before = tree_digest(sinusoid_run)
+    result = metalearn(
+        ["train", *SINUSOID, f"hydra.run.dir={sinusoid_run}"], env, tmp_path, check=False
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "already holds a run" in result.stderr
+    assert tree_digest(sinusoid_run) == before
+
+
+def test_bad_eval_override_shape(tmp_path, env, omniglot_root):
+    run = tmp_path / "run"
+    metalearn(
+        ["train", *TINY_OMNIGLOT, f"data.root={omniglot_root}", f"hydra.run.dir={run}"],
+        env,
+        tmp_path,
+    )
+    result = metalearn(["eval", str(run), "data.n_way=4"], env, tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "shape" in result.stderr
+
+
+def test_zip_fixture_is_read_as_zip(omniglot_root):
+    with zipfile.ZipFile(omniglot_root / "images_background.zip") as z:
+        assert any(n.endswith(".png") for n in z.namelist())
