@@ -7,6 +7,9 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ("xla", "im2col", "shiftsum")
+import os
+_BARRIER = os.environ.get("BARRIER", "0") == "1"
+_PADSUM = os.environ.get("PADSUM", "0") == "1"
 
 
 def default_impl() -> str:
@@ -41,6 +44,8 @@ def _conv_im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     kh, kw, _, cout = w.shape
     (pt, pb), (pl, pr) = _same_pads(h, kh, stride), _same_pads(wd, kw, stride)
     ho, wo = -(-h // stride), -(-wd // stride)
+    if _BARRIER:
+        x = lax.optimization_barrier(x)
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     cols = [
         lax.slice(
@@ -52,7 +57,13 @@ def _conv_im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
         for dy in range(kh)
         for dx in range(kw)
     ]
-    patches = jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, kh*kw*Cin], (dy, dx, cin) order
+    if _PADSUM:
+        n = len(cols)
+        patches = sum(
+            jnp.pad(c, ((0, 0),) * 3 + ((i * cin, (n - 1 - i) * cin),)) for i, c in enumerate(cols)
+        )
+    else:
+        patches = jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, kh*kw*Cin], (dy, dx, cin) order
     y = patches.reshape(b * ho * wo, kh * kw * cin) @ w.reshape(kh * kw * cin, cout)
     return y.reshape(b, ho, wo, cout)
 
@@ -73,8 +84,36 @@ def _conv_shiftsum(x: jax.Array, w: jax.Array) -> jax.Array:
     return y.reshape(b, h, wd, cout)
 
 
+@jax.custom_vjp
 def max_pool2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool, stride 2, VALID: [B, H, W, C] -> [B, H // 2, W // 2, C]."""
+    """2x2 max-pool, stride 2, VALID: [B, H, W, C] -> [B, H // 2, W // 2, C].
+
+    The gradient goes to every element equal to its window's max (ties each get the full
+    cotangent; JAX's reduce_max splits them). The backward is one fused select, and it is
+    linear in the cotangent, so second-order MAML differentiates it cheaply.
+    """
+    return _windows(x).max(axis=(2, 4))
+
+
+def _windows(x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(b, h // 2, 2, w // 2, 2, c)
-    return x.max(axis=(2, 4))
+    return x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = _windows(x).max(axis=(2, 4))
+    return y, (x, y)
+
+
+def _max_pool_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+    x, y = res
+    b, h, w, c = x.shape
+    win = _windows(x)
+    dx = jnp.where(win == y[:, :, None, :, None, :], g[:, :, None, :, None, :], 0.0)
+    dx = dx.reshape(b, h // 2 * 2, w // 2 * 2, c)
+    if dx.shape != x.shape:
+        dx = jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0)))
+    return (dx,)
+
+
+max_pool2x2.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -7,7 +7,11 @@ import jax.numpy as jnp
 
 
 def init(key: jax.Array, n_out: int, *, in_features: int, hidden: int = 40, layers: int = 2):
-    """Blocks of (w, b) then a linear head; truncated-normal weights as the MAML reference."""
+    """Blocks of (w, b) then a linear head, LeCun-normal weights and zero biases.
+
+    (The MAML reference draws weights with std 0.01, which leaves a 40-40 ReLU net in a plateau
+    for thousands of steps; a fan-in scaled init trains the same model far sooner.)
+    """
     sizes = [in_features] + [hidden] * layers
     keys = jax.random.split(key, layers + 1)
     blocks = [
@@ -17,7 +21,7 @@ def init(key: jax.Array, n_out: int, *, in_features: int, hidden: int = 40, laye
 
 
 def _dense(key, fan_in: int, fan_out: int):
-    w = jax.random.truncated_normal(key, -2.0, 2.0, (fan_in, fan_out)) * 0.01
+    w = jax.nn.initializers.lecun_normal()(key, (fan_in, fan_out))
     return {"w": w, "b": jnp.zeros((fan_out,))}
 
 
