@@ -143,42 +143,19 @@ def eval_command(argv: list[str]) -> None:
 
 
 def evaluate_run(run_dir: str, overrides: list[str], split: str, checkpoint: str) -> dict:
-    import jax
-
-    from metalearn.config import from_yaml_with_overrides
     from metalearn.evaluate import make_evaluator
-    from metalearn.rundir import RunDir, RunDirError, atomic_write_json
-    from metalearn.train import build
+    from metalearn.rundir import atomic_write_json
+    from metalearn.train import restore
 
-    run = RunDir(run_dir)
-    saved_path = run.path / ".hydra" / "config.yaml"
-    if not saved_path.exists():
-        raise RunDirError(
-            f"{run.path} is not a metalearn run directory (no .hydra/config.yaml); give the "
-            "directory a `metalearn train` run wrote."
-        )
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value; got {bad}.")
-    cfg = from_yaml_with_overrides(OmegaConf.load(saved_path), overrides)
-    exp = build(cfg)
-    template = exp.algo.init(jax.random.PRNGKey(cfg.seed))
-    if checkpoint == "latest":
-        from metalearn.train import TrainState
-
-        state, meta = run.load_checkpoint(
-            "latest", TrainState(template, exp.optimizer.init(template))
-        )
-        params = state.params
-    else:
-        params, meta = run.load_checkpoint("best", template)
+    exp, params, meta = restore(run_dir, overrides, checkpoint)
+    cfg = exp.cfg
     evaluate = make_evaluator(
         exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
     )
     started = time.perf_counter()
     metrics = evaluate(params, split, cfg.eval.num_tasks, cfg.eval.seed + (split == "val"))
     result = {
-        "run_dir": str(run.path),
+        "run_dir": str(run_dir),
         "checkpoint": checkpoint,
         "checkpoint_step": meta.get("step"),
         "split": split,
@@ -188,5 +165,5 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str, checkpoint: str
         "eval_time_s": round(time.perf_counter() - started, 3),
     }
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    atomic_write_json(run.path / "evals" / f"{stamp}_{split}.json", result)
+    atomic_write_json(Path(run_dir) / "evals" / f"{stamp}_{split}.json", result)
     return result

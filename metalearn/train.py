@@ -103,6 +103,34 @@ def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int):
     return jax.jit(step, donate_argnums=0)
 
 
+def restore(run_dir, overrides: list[str], checkpoint: str = "best"):
+    """Rebuild a finished run's experiment (with `key=value` overrides) and load a checkpoint.
+
+    Returns (experiment, params, checkpoint metadata).
+    """
+    from omegaconf import OmegaConf
+
+    from metalearn.config import ConfigError, from_yaml_with_overrides
+    from metalearn.rundir import RunDirError
+
+    run = RunDir(run_dir)
+    saved = run.path / ".hydra" / "config.yaml"
+    if not saved.exists():
+        raise RunDirError(
+            f"{run.path} is not a metalearn run directory (no .hydra/config.yaml); give a "
+            "directory that `metalearn train` wrote."
+        )
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value; got {bad}.")
+    exp = build(from_yaml_with_overrides(OmegaConf.load(saved), overrides))
+    template = exp.algo.init(jax.random.PRNGKey(exp.cfg.seed))
+    if checkpoint == "latest":
+        template = TrainState(template, exp.optimizer.init(template))
+    tree, meta = run.load_checkpoint(checkpoint, template)
+    return exp, (tree.params if checkpoint == "latest" else tree), meta
+
+
 def validation_score(metrics: dict, classification: bool) -> float:
     """Higher is better: accuracy for classification, minus the loss for regression."""
     return metrics["accuracy"] if classification else -metrics["loss"]

@@ -8,6 +8,7 @@ from jax import lax
 
 IMPLS = ("xla", "im2col", "shiftsum")
 import os
+
 _BARRIER = os.environ.get("BARRIER", "0") == "1"
 _PADSUM = os.environ.get("PADSUM", "0") == "1"
 

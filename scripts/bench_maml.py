@@ -1,0 +1,350 @@
+"""Time one MAML outer step on Omniglot 5-way 1-shot: metalearn (JAX) against PyTorch peers.
+
+Every configuration runs in a fresh subprocess (so peak RSS and compile caches do not mix) and
+JAX and PyTorch configurations are interleaved, because the machine is shared and noisy: read
+the speedup column (fastest PyTorch s/step / this s/step, same order and downsample, same run).
+
+    python scripts/bench_maml.py                 # full table -> scripts/bench_maml_results.md
+    python scripts/bench_maml.py --quick         # smoke run, tiny sizes
+    python scripts/bench_maml.py --only jax --downsample maxpool --order second
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+N_WAY, K_SHOT, N_QUERY, INNER_LR, OUTER_LR, IMAGE = 5, 1, 15, 0.4, 1e-3, 28
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _timed_steps(run_step, steps: int, warmup: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        run_step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+# ------------------------------------------------------------------------------------- JAX
+def run_jax(cfg: dict) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from metalearn.models import conv4
+
+    d, first_order, t = cfg["downsample"], cfg["order"] == "first", cfg["meta_batch"]
+    conv_impl = cfg.get("conv_impl")  # None: the model's default for this backend
+    adam = optax.adam(OUTER_LR)
+
+    # The step metalearn's MAML uses (metalearn/algorithms/maml.py has this shape).
+    def loss(params, x, y):
+        logits = conv4.apply(params, x, downsample=d, conv_impl=conv_impl)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def adapt(params, sx, sy):
+        for _ in range(cfg["inner_steps"]):
+            g = jax.grad(loss)(params, sx, sy)
+            if first_order:
+                g = jax.lax.stop_gradient(g)
+            params = jax.tree.map(lambda p, g: p - INNER_LR * g, params, g)
+        return params
+
+    def task_loss(params, sx, sy, qx, qy):
+        return loss(adapt(params, sx, sy), qx, qy)
+
+    def meta_loss(params, batch):
+        return jax.vmap(task_loss, (None, 0, 0, 0, 0))(params, *batch).mean()
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        l, g = jax.value_and_grad(meta_loss)(params, batch)
+        u, opt_state = adam.update(g, opt_state, params)
+        return optax.apply_updates(params, u), opt_state, l
+
+    rng = np.random.default_rng(0)
+    ns, nq = N_WAY * K_SHOT, N_WAY * N_QUERY
+    batch = (
+        jnp.asarray(rng.standard_normal((t, ns, IMAGE, IMAGE, 1)), jnp.float32),
+        jnp.asarray(np.tile(np.repeat(np.arange(N_WAY), K_SHOT), (t, 1)), jnp.int32),
+        jnp.asarray(rng.standard_normal((t, nq, IMAGE, IMAGE, 1)), jnp.float32),
+        jnp.asarray(np.tile(np.repeat(np.arange(N_WAY), N_QUERY), (t, 1)), jnp.int32),
+    )
+    params = conv4.init(jax.random.key(0), N_WAY, downsample=d)
+    opt_state = adam.init(params)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    state = {"p": params, "o": opt_state}
+
+    def run_step():
+        state["p"], state["o"], l = compiled(state["p"], state["o"], batch)
+        state["loss"] = float(l)  # blocks until the step is done
+
+    times = _timed_steps(run_step, cfg["steps"], cfg["warmup"])
+    return {
+        "times": times,
+        "compile_s": compile_s,
+        "gflop": (cost or {}).get("flops", 0.0) / 1e9,
+        "loss": state["loss"],
+        "backend": jax.default_backend(),
+    }
+
+
+# --------------------------------------------------------------------------------- PyTorch
+def _torch_model(downsample: str):
+    from torch import nn
+
+    layers, cin = [], 1
+    for _ in range(4):
+        stride = 2 if downsample == "stride" else 1
+        layers += [
+            nn.Conv2d(cin, 64, 3, stride=stride, padding=1),
+            nn.BatchNorm2d(64, track_running_stats=False),
+            nn.ReLU(),
+        ]
+        if downsample == "maxpool":
+            layers.append(nn.MaxPool2d(2))
+        cin = 64
+
+    class Conv4(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Linear(64, N_WAY)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean((2, 3)))
+
+    return Conv4()
+
+
+def run_torch(cfg: dict) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    d, first_order, t = cfg["downsample"], cfg["order"] == "first", cfg["meta_batch"]
+    model = _torch_model(d)
+    rng = np.random.default_rng(0)
+    ns, nq = N_WAY * K_SHOT, N_WAY * N_QUERY
+    sx = torch.tensor(rng.standard_normal((t, ns, 1, IMAGE, IMAGE)), dtype=torch.float32)
+    sy = torch.arange(N_WAY).repeat_interleave(K_SHOT).repeat(t, 1)
+    qx = torch.tensor(rng.standard_normal((t, nq, 1, IMAGE, IMAGE)), dtype=torch.float32)
+    qy = torch.arange(N_WAY).repeat_interleave(N_QUERY).repeat(t, 1)
+    opt = torch.optim.Adam(model.parameters(), OUTER_LR)
+    state = {}
+
+    if cfg["impl"] == "torch.func":
+        from torch.func import functional_call, grad
+
+        params = dict(model.named_parameters())
+
+        def loss(p, x, y):
+            return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+        inner_grad = grad(loss)
+
+        def run_step():
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for i in range(t):  # per-task loop; the query loss is backpropagated task by task
+                p = params
+                for _ in range(cfg["inner_steps"]):
+                    g = inner_grad(p, sx[i], sy[i])
+                    if first_order:
+                        g = {k: v.detach() for k, v in g.items()}
+                    p = {k: p[k] - INNER_LR * g[k] for k in p}
+                task_loss = loss(p, qx[i], qy[i]) / t
+                task_loss.backward()
+                total += task_loss.item()
+            opt.step()
+            state["loss"] = total
+
+    elif cfg["impl"] == "learn2learn":
+        from learn2learn.algorithms.maml import MAML
+
+        maml = MAML(model, lr=INNER_LR, first_order=first_order)
+
+        def run_step():
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for i in range(t):
+                learner = maml.clone()
+                for _ in range(cfg["inner_steps"]):
+                    learner.adapt(F.cross_entropy(learner(sx[i]), sy[i]))
+                task_loss = F.cross_entropy(learner(qx[i]), qy[i]) / t
+                task_loss.backward()
+                total += task_loss.item()
+            opt.step()
+            state["loss"] = total
+
+    else:
+        raise ValueError(cfg["impl"])
+
+    times = _timed_steps(run_step, cfg["steps"], cfg["warmup"])
+    return {"times": times, "compile_s": 0.0, "gflop": 0.0, "loss": state["loss"]}
+
+
+# ------------------------------------------------------------------------------------ driver
+def worker(cfg: dict) -> None:
+    out = run_jax(cfg) if cfg["impl"].startswith("jax") else run_torch(cfg)
+    out["peak_rss_gb"] = _peak_rss_gb()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def learn2learn_available() -> str | None:
+    """None if importable, else the reason it is not."""
+    code = "import learn2learn.algorithms.maml"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    ap.add_argument("--meta-batch", type=int, default=32)
+    ap.add_argument("--inner-steps", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="smoke run: meta-batch 2, 2 steps")
+    ap.add_argument("--only", choices=["jax", "torch"], help="run one side only")
+    ap.add_argument("--order", choices=["second", "first"], action="append")
+    ap.add_argument("--downsample", choices=["maxpool", "stride"], action="append")
+    ap.add_argument("--conv-impl", help="override metalearn's conv path (xla | im2col)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    ap.add_argument("--out", type=Path, default=ROOT / "scripts" / "bench_maml_results.md")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+    if args.quick:
+        args.meta_batch, args.steps, args.warmup = 2, 2, 1
+
+    l2l_missing = learn2learn_available()
+    torch_impls = ["torch.func"] + ([] if l2l_missing else ["learn2learn"])
+    configs = []
+    for d in args.downsample or ["maxpool", "stride"]:
+        for order in args.order or ["second", "first"]:
+            impls = ([] if args.only == "torch" else ["jax (metalearn)"]) + (
+                [] if args.only == "jax" else torch_impls
+            )
+            for impl in impls:
+                configs.append(
+                    {
+                        "impl": impl,
+                        "order": order,
+                        "downsample": d,
+                        "meta_batch": args.meta_batch,
+                        "inner_steps": args.inner_steps,
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "conv_impl": args.conv_impl,
+                    }
+                )
+
+    rows = []
+    for cfg in configs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
+        label = f"{cfg['impl']:<16} {cfg['order']:<6} {cfg['downsample']:<7}"
+        print(f"running {label} ...", flush=True)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            res = json.loads(line[-1][7:]) if line else {"error": r.stderr.strip()[-400:]}
+        except subprocess.TimeoutExpired:
+            res = {"error": f"timed out after {args.timeout:.0f} s"}
+        res.update(cfg)
+        if "times" in res:
+            res["median"] = statistics.median(res["times"])
+            print(
+                f"  {res['median']:.3f} s/step  compile {res['compile_s']:.1f} s  "
+                f"peak RSS {res['peak_rss_gb']:.2f} GB  loss {res['loss']:.4f}",
+                flush=True,
+            )
+        else:
+            print("  FAILED: " + res["error"], flush=True)
+        rows.append(res)
+
+    table = _table(rows, args, l2l_missing)
+    print("\n" + table)
+    args.out.write_text(table)
+    print(f"written to {args.out}")
+
+
+def _table(rows: list[dict], args, l2l_missing: str | None) -> str:
+    best = {}
+    for r in rows:
+        if "median" in r and not r["impl"].startswith("jax"):
+            key = (r["order"], r["downsample"])
+            best[key] = min(best.get(key, float("inf")), r["median"])
+    lines = [
+        f"MAML outer step, Omniglot {N_WAY}-way {K_SHOT}-shot, conv4-64, {IMAGE}x{IMAGE}x1 random "
+        f"inputs, {N_QUERY} queries/class, meta-batch {args.meta_batch}, "
+        f"{args.inner_steps} inner SGD step(s) lr {INNER_LR}, Adam {OUTER_LR}, float32, "
+        f"{os.cpu_count()} CPU cores. Median of {args.steps} steps after {args.warmup} warm-up; "
+        "each configuration in a fresh process; speedup = fastest PyTorch s/step (same order "
+        "and downsample, this run) / this s/step.",
+        "",
+        "| implementation | order | downsample | s/step | compile s | peak RSS GB | "
+        "speedup vs fastest PyTorch | GFLOP (XLA) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "median" not in r:
+            lines.append(
+                f"| {r['impl']} | {r['order']} | {r['downsample']} | failed: {r['error'][:80]} "
+                "| | | | |"
+            )
+            continue
+        b = best.get((r["order"], r["downsample"]))
+        ratio = f"{b / r['median']:.2f}x" if b else "-"
+        gflop = f"{r['gflop']:.0f}" if r.get("gflop") else "-"
+        comp = f"{r['compile_s']:.1f}" if r["impl"].startswith("jax") else "-"
+        lines.append(
+            f"| {r['impl']} | {r['order']} | {r['downsample']} | {r['median']:.3f} | {comp} | "
+            f"{r['peak_rss_gb']:.2f} | {ratio} | {gflop} |"
+        )
+    so_fo = {}
+    for r in rows:
+        if "median" in r and r["impl"].startswith("jax"):
+            so_fo[(r["downsample"], r["order"])] = r["median"]
+    for d in ("maxpool", "stride"):
+        if (d, "second") in so_fo and (d, "first") in so_fo:
+            lines.append("")
+            lines.append(
+                f"JAX {d}: second/first order time ratio "
+                f"{so_fo[(d, 'second')] / so_fo[(d, 'first')]:.2f}"
+            )
+    lines.append("")
+    lines.append(
+        "learn2learn: "
+        + ("measured above." if l2l_missing is None else f"not installed ({l2l_missing}).")
+    )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
