@@ -58,10 +58,20 @@ def block(
     p: dict[str, jax.Array], x: jax.Array, *, downsample: str, conv_impl: str | None = None
 ) -> jax.Array:
     """conv 3x3 SAME -> batch norm -> ReLU (-> 2x2 max-pool)."""
-    stride = 2 if downsample == "stride" else 1
-    h = conv_ops.conv2d(x, p["w"], stride, impl=conv_impl) + p["b"]
-    h = jax.nn.relu(batch_norm(h, p["scale"], p["offset"]))
-    return conv_ops.max_pool2x2(h) if downsample == "maxpool" else h
+    if downsample == "stride":
+        h = conv_ops.conv2d(x, p["w"], 2, impl=conv_impl) + p["b"]
+        return jax.nn.relu(batch_norm(h, p["scale"], p["offset"]))
+    # max-pool(ReLU(BN(z))) computed as ReLU(BN(pooled z)): BN is a per-channel affine map,
+    # monotone in z with the sign of its scale, and ReLU is monotone, so pooling s * z with
+    # s = sign(scale) picks the same element (and in float32 the same value: each rounding
+    # step is monotone too). Only the statistics and the pooling read the full-resolution
+    # activations; everything else, and most of the backward pass, runs at a quarter size.
+    z = conv_ops.conv2d(x, p["w"], 1, impl=conv_impl) + p["b"]
+    mean = z.mean(axis=(0, 1, 2))
+    var = jnp.square(z - mean).mean(axis=(0, 1, 2))
+    s = jax.lax.stop_gradient(jnp.where(p["scale"] >= 0, 1.0, -1.0))
+    zp = s * conv_ops.max_pool2x2(s * z)
+    return jax.nn.relu((zp - mean) * (p["scale"] * jax.lax.rsqrt(var + BN_EPS)) + p["offset"])
 
 
 def embed(

@@ -6,11 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("xla", "im2col", "shiftsum")
-import os
-
-_BARRIER = os.environ.get("BARRIER", "0") == "1"
-_PADSUM = os.environ.get("PADSUM", "0") == "1"
+IMPLS = ("xla", "im2col")
 
 
 def default_impl() -> str:
@@ -33,10 +29,6 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, impl: str | None = None)
         )
     if impl == "im2col":
         return _conv_im2col(x, w, stride)
-    if impl == "shiftsum":
-        if stride != 1 or x.shape[-1] < 8:
-            return _conv_im2col(x, w, stride)
-        return _conv_shiftsum(x, w)
     raise ValueError(f"unknown conv impl {impl!r}; expected one of {IMPLS}")
 
 
@@ -45,8 +37,6 @@ def _conv_im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     kh, kw, _, cout = w.shape
     (pt, pb), (pl, pr) = _same_pads(h, kh, stride), _same_pads(wd, kw, stride)
     ho, wo = -(-h // stride), -(-wd // stride)
-    if _BARRIER:
-        x = lax.optimization_barrier(x)
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     cols = [
         lax.slice(
@@ -58,31 +48,9 @@ def _conv_im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
         for dy in range(kh)
         for dx in range(kw)
     ]
-    if _PADSUM:
-        n = len(cols)
-        patches = sum(
-            jnp.pad(c, ((0, 0),) * 3 + ((i * cin, (n - 1 - i) * cin),)) for i, c in enumerate(cols)
-        )
-    else:
-        patches = jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, kh*kw*Cin], (dy, dx, cin) order
+    patches = jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, kh*kw*Cin], (dy, dx, cin) order
     y = patches.reshape(b * ho * wo, kh * kw * cin) @ w.reshape(kh * kw * cin, cout)
     return y.reshape(b, ho, wo, cout)
-
-
-def _conv_shiftsum(x: jax.Array, w: jax.Array) -> jax.Array:
-    b, h, wd, cin = x.shape
-    kh, kw, _, cout = w.shape
-    wall = w.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
-    z = (x.reshape(-1, cin) @ wall).reshape(b, h, wd, kh * kw, cout)
-    (pt, pb), (pl, pr) = _same_pads(h, kh, 1), _same_pads(wd, kw, 1)
-    zp = jnp.pad(z, ((0, 0), (pt, pb), (pl, pr), (0, 0), (0, 0)))
-    y = None
-    for dy in range(kh):
-        for dx in range(kw):
-            k = dy * kw + dx
-            t = lax.slice(zp, (0, dy, dx, k, 0), (b, dy + h, dx + wd, k + 1, cout))
-            y = t if y is None else y + t
-    return y.reshape(b, h, wd, cout)
 
 
 @jax.custom_vjp
