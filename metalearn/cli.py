@@ -34,9 +34,10 @@ log = logging.getLogger("metalearn")
 def user_errors() -> tuple[type[BaseException], ...]:
     from metalearn.data.omniglot import DataError
     from metalearn.rundir import RunDirError
-    from metalearn.train import TrainingError
+    from metalearn.train import Interrupted, TrainingError
 
-    return (ConfigError, DataError, RunDirError, TrainingError, OmegaConfBaseException)
+    errors = (ConfigError, DataError, RunDirError, TrainingError, Interrupted)
+    return errors + (OmegaConfBaseException,)
 
 
 def fail(message: str) -> None:
@@ -81,20 +82,25 @@ def _hydra_train_task(dcfg) -> float | None:
     overrides = list(hydra_cfg.overrides.task)
     owns_dir = False
     try:
-        cfg = to_config(dcfg)
-        run.ensure_fresh()
-        owns_dir = True
-        run.write_text(".hydra/config.yaml", OmegaConf.to_yaml(dcfg))
-        run.write_text(".hydra/hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
-        run.write_text(".hydra/overrides.yaml", OmegaConf.to_yaml(overrides))
+        resume = dcfg.get("resume")
+        if resume is not None and resume is not False:
+            run, cfg = _resume_target(run, resume, overrides)
+            owns_dir = True
+        else:
+            cfg = to_config(dcfg)
+            run.ensure_fresh()
+            owns_dir = True
+            run.write_text(".hydra/config.yaml", OmegaConf.to_yaml(dcfg))
+            run.write_text(".hydra/hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+            run.write_text(".hydra/overrides.yaml", OmegaConf.to_yaml(overrides))
         handler = logging.FileHandler(run.path / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger().addHandler(handler)
         try:
             from metalearn.train import train
 
-            summary = train(cfg, run)
-            summary.update(overrides=overrides, status="completed")
+            summary = train(cfg, run, resume=resume is not None and resume is not False)
+            summary.update(overrides=_run_overrides(run), status="completed")
             run.write_summary(summary)
         finally:
             logging.getLogger().removeHandler(handler)
@@ -103,13 +109,60 @@ def _hydra_train_task(dcfg) -> float | None:
     except user_errors() as error:
         message = str(error).strip()
         if owns_dir or (multirun and not any(run.path.iterdir())):
-            run.write_summary({"status": "failed", "error": message, "overrides": overrides})
-        elif run.path.exists() and not any(run.path.iterdir()):
-            run.path.rmdir()  # leave no empty directory behind a rejected command
+            from metalearn.train import Interrupted
+
+            status = "interrupted" if isinstance(error, Interrupted) else "failed"
+            run.write_summary({"status": status, "error": message, "overrides": overrides})
+        elif not multirun:
+            _remove_empty_folders(run.path)  # leave no empty folder behind a rejected command
         if multirun:
             log.error("job failed: %s", message)
             return None
         fail(message)
+
+
+def _resume_target(fresh_run, resume, overrides: list[str]):
+    """The run to continue and its config: the saved config plus this command's overrides."""
+    from metalearn.config import from_yaml_with_overrides
+    from metalearn.rundir import RunDir, RunDirError
+
+    target = fresh_run.path if str(resume).lower() == "true" else Path(str(resume))
+    if target.resolve() != fresh_run.path.resolve() and fresh_run.path.exists():
+        _remove_empty_folders(fresh_run.path)  # Hydra's new folder for this command is unused
+    run = RunDir(target)
+    saved = run.path / ".hydra" / "config.yaml"
+    if not saved.exists() or not (run.path / "checkpoints" / "latest.npz").exists():
+        raise RunDirError(
+            f"resume={resume}: {run.path} holds no run to resume (it needs .hydra/config.yaml "
+            "and checkpoints/latest.npz). Give the directory of a run that saved a checkpoint."
+        )
+    values = [o for o in overrides if not o.startswith(("resume=", "hydra."))]
+    groups = [o for o in values if "." not in o.split("=", 1)[0]]
+    if groups:
+        raise ConfigError(
+            f"resume takes value overrides only (such as train.steps=N), not {groups}: the run "
+            "keeps the data, model and algorithm it was started with."
+        )
+    cfg = from_yaml_with_overrides(OmegaConf.load(saved), values)
+    merged = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(values))
+    run.write_text(".hydra/config.yaml", OmegaConf.to_yaml(merged))
+    if values:
+        previous = OmegaConf.load(run.path / ".hydra" / "overrides.yaml")
+        run.write_text(".hydra/overrides.yaml", OmegaConf.to_yaml(list(previous) + values))
+    return run, cfg
+
+
+def _remove_empty_folders(path: Path) -> None:
+    """Remove `path` and its parents while they are empty, up to the working directory."""
+    cwd = Path.cwd().resolve()
+    for folder in (path.resolve(), *path.resolve().parents):
+        if folder == cwd or not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+
+
+def _run_overrides(run) -> list[str]:
+    return list(OmegaConf.load(run.path / ".hydra" / "overrides.yaml"))
 
 
 def hydra_train() -> None:

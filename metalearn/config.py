@@ -204,8 +204,13 @@ class TrainConfig:
     meta_batch: int = 32
     outer_lr: float = 0.001
     log_every: int = 100
+    checkpoint_every: int = 1000  # also at every validation and on SIGINT/SIGTERM
 
     def __post_init__(self) -> None:
+        _require(
+            self.checkpoint_every >= 1,
+            f"train.checkpoint_every={self.checkpoint_every} must be >= 1.",
+        )
         _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1.")
         _require(self.meta_batch >= 1, f"train.meta_batch={self.meta_batch} must be >= 1.")
         _positive("train.outer_lr", self.outer_lr)
@@ -241,6 +246,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    # Continue a run from its latest checkpoint: a run directory, or true for hydra.run.dir.
+    resume: Any = None
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

@@ -63,6 +63,12 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after `step` (a resumed run logs them again)."""
+        kept = [r for r in read_metrics(self.path / "metrics.jsonl") if r["step"] <= step]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write_bytes(self.path / "metrics.jsonl", text.encode())
+
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.path / "summary.json", summary)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -136,8 +139,16 @@ def validation_score(metrics: dict, classification: bool) -> float:
     return metrics["accuracy"] if classification else -metrics["loss"]
 
 
-def train(cfg: Config, run: RunDir) -> dict:
-    """Train, validate every eval.every steps, test the best checkpoint; return the summary."""
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; the latest checkpoint was saved first."""
+
+
+def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
+    """Train, validate every eval.every steps, test the best checkpoint; return the summary.
+
+    Step s draws its tasks from fold_in(train_key, s), so a run resumed from its latest
+    checkpoint (resume=True) replays exactly what an uninterrupted run would have done.
+    """
     exp = build(cfg)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = exp.algo.init(init_key)
@@ -148,53 +159,72 @@ def train(cfg: Config, run: RunDir) -> dict:
         exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
     )
     train_arrays = exp.source.splits["train"]
+
+    progress = {"step": 0, "best": {"score": -math.inf, "step": 0, "metrics": None},
+                "train_time_s": 0.0, "compile_time_s": 0.0, "elapsed_s": 0.0}  # fmt: skip
+    if resume:
+        state, progress = run.load_checkpoint("latest", state)
+        run.truncate_metrics(progress["step"])
+        log.info("resuming %s from step %d", run.path, progress["step"])
     log.info(
         "%s on %s with %s: %d parameters, %d steps -> %s",
         cfg.algo.name, cfg.data.name, cfg.model.name, n_params, cfg.train.steps, run.path,
     )  # fmt: skip
 
-    best = {"score": -math.inf, "step": 0, "metrics": None}
-    started = time.perf_counter()
-    train_time = 0.0
-    compile_time = 0.0
-    window_start, window_steps = time.perf_counter(), 0
-    for step in range(1, cfg.train.steps + 1):
-        t = time.perf_counter()
-        state, metrics = train_step(state, train_arrays, jax.random.fold_in(train_key, step))
-        window_steps += 1
-        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - t
-            if step == 1:
-                compile_time = elapsed
-            if not all(map(math.isfinite, metrics.values())):
-                raise TrainingError(
-                    f"The training loss became non-finite at step {step} ({metrics}). The last "
-                    f"good checkpoint is {run.path / 'checkpoints' / 'latest.npz'} (if any); "
-                    "lower train.outer_lr or algo.inner_lr."
-                )
-            now = time.perf_counter()
-            rate = window_steps / max(now - window_start, 1e-9)
-            window_start, window_steps = now, 0
-            _record(run, step, "train", metrics, started)
-            log.info("step %6d  train %s  %.1f steps/s", step, _fmt(metrics), rate)
-        train_time += time.perf_counter() - t
+    started = time.perf_counter() - progress["elapsed_s"]
+    best = progress["best"]
 
-        if step % cfg.eval.every == 0 or step == cfg.train.steps:
-            val = evaluate(state.params, "val", cfg.eval.val_tasks, cfg.eval.seed + 1)
-            _record(run, step, "val", val, started)
-            score = validation_score(val, exp.classification)
-            if score > best["score"]:
-                best = {"score": score, "step": step, "metrics": val}
-                run.save_checkpoint("best", state.params, {"step": step, "val": val})
-            run.save_checkpoint("latest", state, {"step": step, "best": best})
-            log.info("step %6d  val   %s  (best at step %d)", step, _fmt(val), best["step"])
-            window_start, window_steps = time.perf_counter(), 0
+    def save_latest(step: int) -> None:
+        progress.update(step=step, best=best, elapsed_s=time.perf_counter() - started)
+        run.save_checkpoint("latest", state, progress)
+
+    window_start, window_steps = time.perf_counter(), 0
+    with _stop_on_signals() as stop:
+        for step in range(progress["step"] + 1, cfg.train.steps + 1):
+            t = time.perf_counter()
+            state, metrics = train_step(state, train_arrays, jax.random.fold_in(train_key, step))
+            window_steps += 1
+            if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if step == 1:
+                    progress["compile_time_s"] = time.perf_counter() - t
+                if not all(map(math.isfinite, metrics.values())):
+                    raise TrainingError(
+                        f"The training loss became non-finite at step {step} ({metrics}). The "
+                        f"last good checkpoint is {run.path / 'checkpoints' / 'latest.npz'} "
+                        f"(step {progress['step']}); lower train.outer_lr or algo.inner_lr."
+                    )
+                now = time.perf_counter()
+                rate = window_steps / max(now - window_start, 1e-9)
+                window_start, window_steps = now, 0
+                _record(run, step, "train", metrics, started)
+                log.info("step %6d  train %s  %.1f steps/s", step, _fmt(metrics), rate)
+            progress["train_time_s"] += time.perf_counter() - t
+
+            if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                val = evaluate(state.params, "val", cfg.eval.val_tasks, cfg.eval.seed + 1)
+                _record(run, step, "val", val, started)
+                score = validation_score(val, exp.classification)
+                if score > best["score"]:
+                    best = {"score": score, "step": step, "metrics": val}
+                    run.save_checkpoint("best", state.params, {"step": step, "val": val})
+                log.info("step %6d  val   %s  (best at step %d)", step, _fmt(val), best["step"])
+                save_latest(step)
+                window_start, window_steps = time.perf_counter(), 0
+            elif step % cfg.train.checkpoint_every == 0:
+                save_latest(step)
+            if stop.signal is not None:
+                save_latest(step)
+                raise Interrupted(
+                    f"Stopped by {stop.signal} at step {step}; the checkpoint is saved. Continue "
+                    f"with: metalearn train resume={run.path}"
+                )
 
     best_params, _ = run.load_checkpoint("best", state.params)
     test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed)
     _record(run, best["step"], "test", test, started)
     log.info("test (best checkpoint, step %d): %s", best["step"], _fmt(test))
+    timed_steps = max(cfg.train.steps - 1, 1)
     return {
         "algo": cfg.algo.name,
         "data": cfg.data.name,
@@ -205,15 +235,40 @@ def train(cfg: Config, run: RunDir) -> dict:
         "best_val": best["metrics"],
         "best_step": best["step"],
         "objective": "accuracy" if exp.classification else "loss",
-        "train_time_s": round(train_time, 3),
-        "compile_time_s": round(compile_time, 3),
-        "steps_per_s": round((cfg.train.steps - 1) / max(train_time - compile_time, 1e-9), 3),
+        "train_time_s": round(progress["train_time_s"], 3),
+        "compile_time_s": round(progress["compile_time_s"], 3),
+        "steps_per_s": round(
+            timed_steps / max(progress["train_time_s"] - progress["compile_time_s"], 1e-9), 3
+        ),
         "total_time_s": round(time.perf_counter() - started, 3),
         "num_params": n_params,
         "jax_version": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
         "eval_inner_steps": exp.eval_inner_steps,
     }
+
+
+class _SignalFlag:
+    signal: str | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (then it checkpoints)."""
+    flag = _SignalFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _record(run: RunDir, step: int, split: str, metrics: dict, started: float) -> None:

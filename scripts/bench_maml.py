@@ -76,9 +76,9 @@ def run_jax(cfg: dict) -> dict:
 
     @partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch):
-        l, g = jax.value_and_grad(meta_loss)(params, batch)
+        loss_value, g = jax.value_and_grad(meta_loss)(params, batch)
         u, opt_state = adam.update(g, opt_state, params)
-        return optax.apply_updates(params, u), opt_state, l
+        return optax.apply_updates(params, u), opt_state, loss_value
 
     rng = np.random.default_rng(0)
     ns, nq = N_WAY * K_SHOT, N_WAY * N_QUERY
@@ -99,8 +99,8 @@ def run_jax(cfg: dict) -> dict:
     state = {"p": params, "o": opt_state}
 
     def run_step():
-        state["p"], state["o"], l = compiled(state["p"], state["o"], batch)
-        state["loss"] = float(l)  # blocks until the step is done
+        state["p"], state["o"], loss_value = compiled(state["p"], state["o"], batch)
+        state["loss"] = float(loss_value)  # blocks until the step is done
 
     times = _timed_steps(run_step, cfg["steps"], cfg["warmup"])
     return {
