@@ -29,12 +29,20 @@ def _override_map(run: dict) -> dict[str, str]:
     return dict(o.split("=", 1) for o in run.get("overrides", []) if "=" in o)
 
 
-def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Columns: the overrides that differ between runs, then the test metric, steps and time."""
+def differing_overrides(runs: list[dict]) -> tuple[list[dict[str, str]], list[str]]:
+    """Each run's overrides as a key -> value map, and the keys whose values differ between runs."""
     maps = [_override_map(r) for r in runs]
     keys = sorted({k for m in maps for k in m})
-    differing = [k for k in keys if len({m.get(k) for m in maps}) > 1]
-    objective = next((r["objective"] for r in runs if "objective" in r), "accuracy")
+    return maps, [k for k in keys if len({m.get(k) for m in maps}) > 1]
+
+
+def objective_of(runs: list[dict]) -> str:
+    """The metric runs are ranked by: the first run's `objective`, else accuracy."""
+    return next((r["objective"] for r in runs if "objective" in r), "accuracy")
+
+
+def table_order(runs: list[dict], objective: str) -> list[int]:
+    """Run indices, best test metric first; runs without a test metric last."""
 
     def sort_key(run):
         test = run.get("test") or {}
@@ -43,7 +51,14 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
             return (1, 0.0)
         return (0, -value if objective == "accuracy" else value)
 
-    order = sorted(range(len(runs)), key=lambda i: sort_key(runs[i]))
+    return sorted(range(len(runs)), key=lambda i: sort_key(runs[i]))
+
+
+def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Columns: the overrides that differ between runs, then the test metric, steps and time."""
+    maps, differing = differing_overrides(runs)
+    objective = objective_of(runs)
+    order = table_order(runs, objective)
     header = ["run", *differing, f"test {objective}", "±ci95", "steps", "train s", "status"]
     rows = []
     for i in order:
@@ -89,6 +104,11 @@ def compare_command(argv: list[str]) -> None:
     parser.add_argument("paths", nargs="+", help="run directories or folders holding runs")
     parser.add_argument("--csv", help="also write the table as CSV to this file")
     parser.add_argument("--md", help="also write the table as Markdown to this file")
+    parser.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="also write learning_curves.png and test_metrics.png to this folder",
+    )
     args = parser.parse_args(argv)
     try:
         runs = [load_run(p) for p in find_runs(args.paths)]
@@ -104,3 +124,15 @@ def compare_command(argv: list[str]) -> None:
         Path(args.csv).write_text(render_csv(header, rows))
     if args.md:
         Path(args.md).write_text(render_markdown(header, rows) + "\n")
+    if args.plot:
+        from metalearn.plots import write_plots
+
+        try:
+            written = write_plots(runs, Path(args.plot))
+        except OSError as error:
+            print(
+                f"metalearn: error: cannot write the plots to {args.plot}: {error}", file=sys.stderr
+            )
+            sys.exit(2)
+        for path in written:
+            print(f"wrote {path}")

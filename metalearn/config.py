@@ -246,6 +246,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    progress: bool = True  # a progress bar on a terminal (never in logs or pipes)
+    logger: str = (
+        "jsonl"  # jsonl | tensorboard (event files in tensorboard/, besides metrics.jsonl)
+    )
     # Continue a run from its latest checkpoint: a run directory, or true for hydra.run.dir.
     resume: Any = None
 
@@ -291,6 +295,7 @@ def from_yaml_with_overrides(saved: DictConfig, overrides: list[str]) -> Config:
 
 def _check_combination(cfg: Config) -> None:
     """Checks that span groups: the data's task type against the algorithm and model."""
+    _choice("logger", cfg.logger, ("jsonl", "tensorboard"))
     regression = cfg.data.name == "sinusoid"
     if regression:
         _require(

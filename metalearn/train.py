@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import LossFn, task_loss_fn
@@ -20,6 +22,7 @@ from metalearn.config import Config
 from metalearn.data import TaskSource, make_task_source
 from metalearn.evaluate import episode_metrics, make_evaluator
 from metalearn.models import Model, make_model, num_params
+from metalearn.progress import Reporter
 from metalearn.rundir import RunDir
 from metalearn.types import Algorithm
 
@@ -71,12 +74,37 @@ def build(cfg: Config) -> Experiment:
     return Experiment(cfg, source, model, algo, loss_fn, optimizer)
 
 
-def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int):
+def task_mesh(meta_batch: int) -> Mesh | None:
+    """A 1-D mesh over all devices for the meta-batch's task axis; None on one device.
+
+    Tasks are independent until the mean over the meta-batch, so sharding them needs nothing
+    but an all-reduce of the gradients, which XLA inserts. The same code runs on 1 CPU, several
+    GPUs or a TPU slice (all processes' devices, after jax.distributed.initialize).
+    """
+    n = jax.device_count()
+    if n == 1:
+        return None
+    if meta_batch % n:
+        log.warning(
+            "train.meta_batch=%d does not divide over %d devices; running unsharded.", meta_batch, n
+        )
+        return None
+    return jax.make_mesh((n,), ("tasks",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int, mesh: Mesh | None = None):
     """One jitted (state, split arrays, key) -> (state, metrics); the state's buffers are donated.
 
-    This is the single place where the per-task maths is vmapped over the meta-batch.
+    This is the single place where the per-task maths is vmapped over the meta-batch; with a
+    mesh, the task axis is sharded over its devices.
     """
     algo = exp.algo
+
+    def over_tasks(tree):
+        if mesh is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P("tasks")))
+
     per_task_loss = algo.meta_loss or (
         lambda p, task, key: episode_metrics(algo, exp.loss_fn, p, task, key, inner_steps)
     )
@@ -95,10 +123,12 @@ def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int):
 
     def step(state: TrainState, arrays, key):
         k_tasks, k_algo = jax.random.split(key)
-        tasks = jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(
-            jax.random.split(k_tasks, meta_batch)
+        task_keys = over_tasks(jax.random.split(k_tasks, meta_batch))
+        tasks = over_tasks(
+            jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(task_keys)
         )
-        grads, metrics = batch_gradient(state.params, tasks, jax.random.split(k_algo, meta_batch))
+        algo_keys = over_tasks(jax.random.split(k_algo, meta_batch))
+        grads, metrics = batch_gradient(state.params, tasks, algo_keys)
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state), jax.tree.map(jnp.mean, metrics)
@@ -154,7 +184,10 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     params = exp.algo.init(init_key)
     state = TrainState(params, exp.optimizer.init(params))
     n_params = num_params(params)
-    train_step = make_train_step(exp, cfg.train.meta_batch, getattr(cfg.algo, "inner_steps", 0))
+    mesh = task_mesh(cfg.train.meta_batch)
+    train_step = make_train_step(
+        exp, cfg.train.meta_batch, getattr(cfg.algo, "inner_steps", 0), mesh
+    )
     evaluate = make_evaluator(
         exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
     )
@@ -166,51 +199,55 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
         state, progress = run.load_checkpoint("latest", state)
         run.truncate_metrics(progress["step"])
         log.info("resuming %s from step %d", run.path, progress["step"])
+    if mesh is not None:  # parameters, optimiser state and data are replicated on every device
+        state, train_arrays = jax.device_put((state, train_arrays), NamedSharding(mesh, P()))
     log.info(
         "%s on %s with %s: %d parameters, %d steps -> %s",
         cfg.algo.name, cfg.data.name, cfg.model.name, n_params, cfg.train.steps, run.path,
     )  # fmt: skip
 
-    started = time.perf_counter() - progress["elapsed_s"]
     best = progress["best"]
+    report = Reporter(
+        run,
+        total_steps=cfg.train.steps,
+        start_step=progress["step"],
+        elapsed_s=progress["elapsed_s"],
+        progress=cfg.progress,
+        tensorboard=cfg.logger == "tensorboard",
+    )
 
     def save_latest(step: int) -> None:
-        progress.update(step=step, best=best, elapsed_s=time.perf_counter() - started)
+        progress.update(step=step, best=best, elapsed_s=report.elapsed_s)
         run.save_checkpoint("latest", state, progress)
 
-    window_start, window_steps = time.perf_counter(), 0
-    with _stop_on_signals() as stop:
+    with _stop_on_signals() as stop, report.active():
         for step in range(progress["step"] + 1, cfg.train.steps + 1):
             t = time.perf_counter()
             state, metrics = train_step(state, train_arrays, jax.random.fold_in(train_key, step))
-            window_steps += 1
+            report.advance()
             if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if step == 1:
                     progress["compile_time_s"] = time.perf_counter() - t
                 if not all(map(math.isfinite, metrics.values())):
                     raise TrainingError(
-                        f"The training loss became non-finite at step {step} ({metrics}). The "
+                        f"The training loss became non-finite at step {step} (checked every "
+                        f"train.log_every={cfg.train.log_every} steps; {metrics}). The "
                         f"last good checkpoint is {run.path / 'checkpoints' / 'latest.npz'} "
                         f"(step {progress['step']}); lower train.outer_lr or algo.inner_lr."
                     )
-                now = time.perf_counter()
-                rate = window_steps / max(now - window_start, 1e-9)
-                window_start, window_steps = now, 0
-                _record(run, step, "train", metrics, started)
-                log.info("step %6d  train %s  %.1f steps/s", step, _fmt(metrics), rate)
+                report.record(step, "train", metrics)
             progress["train_time_s"] += time.perf_counter() - t
 
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
                 val = evaluate(state.params, "val", cfg.eval.val_tasks, cfg.eval.seed + 1)
-                _record(run, step, "val", val, started)
                 score = validation_score(val, exp.classification)
                 if score > best["score"]:
                     best = {"score": score, "step": step, "metrics": val}
                     run.save_checkpoint("best", state.params, {"step": step, "val": val})
-                log.info("step %6d  val   %s  (best at step %d)", step, _fmt(val), best["step"])
+                report.record(step, "val", val, f"(best at step {best['step']})")
                 save_latest(step)
-                window_start, window_steps = time.perf_counter(), 0
+                report.restart_clock()
             elif step % cfg.train.checkpoint_every == 0:
                 save_latest(step)
             if stop.signal is not None:
@@ -222,8 +259,8 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
 
     best_params, _ = run.load_checkpoint("best", state.params)
     test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed)
-    _record(run, best["step"], "test", test, started)
-    log.info("test (best checkpoint, step %d): %s", best["step"], _fmt(test))
+    report.record(best["step"], "test", test, "(the best checkpoint)")
+    report.close()
     timed_steps = max(cfg.train.steps - 1, 1)
     return {
         "algo": cfg.algo.name,
@@ -240,7 +277,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
         "steps_per_s": round(
             timed_steps / max(progress["train_time_s"] - progress["compile_time_s"], 1e-9), 3
         ),
-        "total_time_s": round(time.perf_counter() - started, 3),
+        "total_time_s": round(report.elapsed_s, 3),
         "num_params": n_params,
         "jax_version": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
@@ -269,17 +306,3 @@ def _stop_on_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def _record(run: RunDir, step: int, split: str, metrics: dict, started: float) -> None:
-    record = {"step": step, "split": split, "elapsed_s": round(time.perf_counter() - started, 3)}
-    record.update({k: float(v) for k, v in metrics.items()})
-    run.log_metrics(record)
-
-
-def _fmt(metrics: dict) -> str:
-    keys = [k for k in ("loss", "accuracy") if k in metrics]
-    return "  ".join(
-        f"{k} {metrics[k]:.4f}" + (f"±{metrics[k + '_ci95']:.4f}" if k + "_ci95" in metrics else "")
-        for k in keys
-    )

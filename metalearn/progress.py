@@ -1,0 +1,102 @@
+"""Where metrics go while a run trains: metrics.jsonl, the log, a progress bar, TensorBoard."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+
+from metalearn.rundir import RunDir
+
+log = logging.getLogger("metalearn")
+
+
+class Reporter:
+    """Records every metric in metrics.jsonl (the contract), and shows it.
+
+    The progress bar (steps/s, ETA, latest train and val metrics) draws only on a terminal and
+    with progress=true; TensorBoard event files are written under tensorboard/ when asked.
+    """
+
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        total_steps: int,
+        start_step: int,
+        elapsed_s: float,
+        progress: bool = True,
+        tensorboard: bool = False,
+    ):
+        from tqdm import tqdm
+
+        self.run = run
+        self.started = time.perf_counter() - elapsed_s
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (progress and sys.stderr.isatty()),
+        )
+        self.postfix: dict[str, str] = {}
+        self.window = (time.perf_counter(), 0)
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.path / "tensorboard"))
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def advance(self) -> None:
+        self.bar.update(1)
+        self.window = (self.window[0], self.window[1] + 1)
+
+    def restart_clock(self) -> None:
+        """Steps/s covers training only: call after evaluation."""
+        self.window = (time.perf_counter(), 0)
+
+    def record(self, step: int, split: str, metrics: dict, note: str = "") -> None:
+        record = {"step": step, "split": split, "elapsed_s": round(self.elapsed_s, 3)}
+        record.update({k: float(v) for k, v in metrics.items()})
+        self.run.log_metrics(record)
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"{split}/{name}", float(value), step)
+            self.writer.flush()
+        text = format_metrics(metrics)
+        if split == "train":
+            start, steps = self.window
+            rate = steps / max(time.perf_counter() - start, 1e-9)
+            self.window = (time.perf_counter(), 0)
+            note = note or f"{rate:.1f} steps/s"
+        self.postfix[split] = text.replace("  ", " ")
+        self.bar.set_postfix_str("  ".join(f"{k}: {v}" for k, v in self.postfix.items()))
+        log.info("step %6d  %-5s %s  %s", step, split, text, note)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Log lines print above the bar while it is drawn."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:
+            with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+                yield self
+        finally:
+            self.bar.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = [k for k in ("loss", "accuracy") if k in metrics]
+    return "  ".join(
+        f"{k} {metrics[k]:.4f}" + (f"±{metrics[k + '_ci95']:.4f}" if k + "_ci95" in metrics else "")
+        for k in keys
+    )
