@@ -77,7 +77,15 @@ def _hydra_train_task(dcfg) -> float | None:
     from metalearn.rundir import RunDir
 
     hydra_cfg = HydraConfig.get()
-    run = RunDir(hydra_cfg.runtime.output_dir)
+    primary = True
+    if dcfg.get("distributed"):
+        from metalearn.distributed import initialize, is_primary
+
+        initialize()
+        primary = is_primary()
+        if not primary:
+            logging.getLogger().setLevel(logging.WARNING)
+    run = RunDir(hydra_cfg.runtime.output_dir, primary=primary)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
     owns_dir = False
@@ -93,7 +101,7 @@ def _hydra_train_task(dcfg) -> float | None:
             run.write_text(".hydra/config.yaml", OmegaConf.to_yaml(dcfg))
             run.write_text(".hydra/hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
             run.write_text(".hydra/overrides.yaml", OmegaConf.to_yaml(overrides))
-        handler = logging.FileHandler(run.path / "train.log")
+        handler = logging.FileHandler(run.path / "train.log") if primary else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger().addHandler(handler)
         try:
@@ -113,7 +121,7 @@ def _hydra_train_task(dcfg) -> float | None:
 
             status = "interrupted" if isinstance(error, Interrupted) else "failed"
             run.write_summary({"status": status, "error": message, "overrides": overrides})
-        elif not multirun:
+        elif not multirun and run.primary:
             _remove_empty_folders(run.path)  # leave no empty folder behind a rejected command
         if multirun:
             log.error("job failed: %s", message)
@@ -127,9 +135,9 @@ def _resume_target(fresh_run, resume, overrides: list[str]):
     from metalearn.rundir import RunDir, RunDirError
 
     target = fresh_run.path if str(resume).lower() == "true" else Path(str(resume))
-    if target.resolve() != fresh_run.path.resolve() and fresh_run.path.exists():
+    if target.resolve() != fresh_run.path.resolve() and fresh_run.primary:
         _remove_empty_folders(fresh_run.path)  # Hydra's new folder for this command is unused
-    run = RunDir(target)
+    run = RunDir(target, primary=fresh_run.primary)
     saved = run.path / ".hydra" / "config.yaml"
     if not saved.exists() or not (run.path / "checkpoints" / "latest.npz").exists():
         raise RunDirError(

@@ -250,6 +250,8 @@ class Config:
     logger: str = (
         "jsonl"  # jsonl | tensorboard (event files in tensorboard/, besides metrics.jsonl)
     )
+    # Join a multi-host job (jax.distributed): every process runs the same command.
+    distributed: bool = False
     # Continue a run from its latest checkpoint: a run directory, or true for hydra.run.dir.
     resume: Any = None
 

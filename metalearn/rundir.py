@@ -43,11 +43,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike):
+    """A run's directory. With primary=False (processes other than 0 of a multi-host job)
+    every write is skipped, so exactly one process writes each file."""
+
+    def __init__(self, path: str | os.PathLike, primary: bool = True):
         self.path = Path(path)
+        self.primary = primary
 
     def ensure_fresh(self) -> None:
         """Refuse a directory that already holds a run, before anything is written to it."""
+        if not self.primary:
+            return
         found = [m for m in RUN_MARKERS if (self.path / m).exists()]
         if found:
             raise RunDirError(
@@ -58,23 +64,33 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write_text(self, relative: str, text: str) -> None:
+        if not self.primary:
+            return
         atomic_write_bytes(self.path / relative, text.encode())
 
     def log_metrics(self, record: dict) -> None:
+        if not self.primary:
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after `step` (a resumed run logs them again)."""
+        if not self.primary:
+            return
         kept = [r for r in read_metrics(self.path / "metrics.jsonl") if r["step"] <= step]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
         atomic_write_bytes(self.path / "metrics.jsonl", text.encode())
 
     def write_summary(self, summary: dict) -> None:
+        if not self.primary:
+            return
         atomic_write_json(self.path / "summary.json", summary)
 
     def save_checkpoint(self, name: str, tree: Any, meta: dict) -> None:
         """Save a pytree's leaves (as numpy) and JSON metadata to checkpoints/<name>.npz."""
+        if not self.primary:
+            return
         leaves = jax.tree.leaves(jax.device_get(tree))
         arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

@@ -207,6 +207,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     )  # fmt: skip
 
     best = progress["best"]
+    best_params = None
     report = Reporter(
         run,
         total_steps=cfg.train.steps,
@@ -244,7 +245,8 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
                 score = validation_score(val, exp.classification)
                 if score > best["score"]:
                     best = {"score": score, "step": step, "metrics": val}
-                    run.save_checkpoint("best", state.params, {"step": step, "val": val})
+                    best_params = jax.tree.map(jnp.copy, state.params)  # state gets donated
+                    run.save_checkpoint("best", best_params, {"step": step, "val": val})
                 report.record(step, "val", val, f"(best at step {best['step']})")
                 save_latest(step)
                 report.restart_clock()
@@ -257,7 +259,8 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
                     f"with: metalearn train resume={run.path}"
                 )
 
-    best_params, _ = run.load_checkpoint("best", state.params)
+    if best_params is None:  # resumed after the last validation: the best is on disk
+        best_params, _ = run.load_checkpoint("best", state.params)
     test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed)
     report.record(best["step"], "test", test, "(the best checkpoint)")
     report.close()
