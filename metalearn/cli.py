@@ -45,9 +45,13 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def main() -> None:
+def quiet_jax_probe() -> None:
     # JAX probes for a TPU on import and logs its absence as a warning; that is noise on a CPU.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    quiet_jax_probe()
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if len(sys.argv) >= 2 else 2)
@@ -76,6 +80,7 @@ def _hydra_train_task(dcfg) -> float | None:
     from metalearn.config import to_config
     from metalearn.rundir import RunDir
 
+    quiet_jax_probe()  # again: launchers may run this job in a fresh worker process
     hydra_cfg = HydraConfig.get()
     primary = True
     if dcfg.get("distributed"):

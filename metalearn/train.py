@@ -242,6 +242,13 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
 
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
                 val = evaluate(state.params, "val", cfg.eval.val_tasks, cfg.eval.seed + 1)
+                if not all(map(math.isfinite, val.values())):
+                    raise TrainingError(
+                        f"The validation metrics became non-finite at step {step} ({val}): the "
+                        "adaptation diverges. The last good checkpoint is "
+                        f"{run.path / 'checkpoints' / 'latest.npz'} (step {progress['step']}); "
+                        "lower algo.inner_lr or use fewer algo.inner_steps."
+                    )
                 score = validation_score(val, exp.classification)
                 if score > best["score"]:
                     best = {"score": score, "step": step, "metrics": val}
@@ -294,7 +301,7 @@ class _SignalFlag:
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (then it checkpoints)."""
+    """Turn SIGINT/SIGTERM/SIGUSR2 into a flag the loop checks after each step, then saves."""
     flag = _SignalFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -303,7 +310,9 @@ def _stop_on_signals():
     def handler(signum, frame):
         flag.signal = signal.Signals(signum).name
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGUSR2 is what Slurm (through submitit) sends before a job's time limit.
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield flag
     finally:

@@ -85,9 +85,8 @@ def test_multirun_records_a_failed_job_and_goes_on(tmp_path, env):
         env,
         tmp_path,
     )
-    # The sweep finishes, and its exit code is 0 even though job 1 failed: the failure is in
-    # job 1's run dir, in the log and in `metalearn compare`, not in the exit code.
-    assert result.returncode == 0, result.stderr
+    # The sweep runs every job; because job 1 failed, it then exits 1.
+    assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "job failed: train.outer_lr=-1" in result.stdout + result.stderr
 
