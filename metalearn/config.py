@@ -149,10 +149,27 @@ class MAMLConfig(AlgoConfig):
     inner_lr: float = 0.4
     inner_steps: int = 1
     first_order: bool = False
+    adapt: list[str] = field(
+        default_factory=lambda: ["all"]
+    )  # parameter groups the inner loop adapts
+    learn_inner_lr: bool = False  # Meta-SGD: a meta-learned inner rate per adapted parameter
+    remat: bool = False  # recompute inner steps in the backward pass (long inner loops)
 
     def __post_init__(self) -> None:
         _positive("algo.inner_lr", self.inner_lr)
         _require(self.inner_steps >= 1, f"algo.inner_steps={self.inner_steps} must be >= 1.")
+
+
+@dataclass
+class ANILConfig(MAMLConfig):
+    name: str = "anil"
+    adapt: list[str] = field(default_factory=lambda: ["head"])
+
+
+@dataclass
+class MetaSGDConfig(MAMLConfig):
+    name: str = "metasgd"
+    learn_inner_lr: bool = True
 
 
 @dataclass
@@ -262,6 +279,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "conditioning": {"none": ConditioningConfig},
     "algo": {
         "maml": MAMLConfig,
+        "anil": ANILConfig,
+        "metasgd": MetaSGDConfig,
         "reptile": ReptileConfig,
         "finetune": FinetuneConfig,
         "protonet": ProtoNetConfig,

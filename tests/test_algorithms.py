@@ -61,7 +61,7 @@ def image_experiment(algo_name: str, model_cfg=None) -> Experiment:
     if algo_name == "reptile":
         algo_cfg.inner_optimizer, algo_cfg.inner_lr = "sgd", 0.1
     elif hasattr(algo_cfg, "inner_lr"):
-        algo_cfg.inner_lr = 0.4 if algo_name == "maml" else 0.1
+        algo_cfg.inner_lr = 0.4 if algo_name in ("maml", "anil", "metasgd") else 0.1
     algo = ALGORITHMS[algo_name](algo_cfg, model, classification_loss, n_out=3, n_train_classes=10)
     import optax
 

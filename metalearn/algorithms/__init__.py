@@ -6,6 +6,8 @@ from metalearn.algorithms import finetune, maml, protonet, reptile
 
 ALGORITHMS = {
     "maml": maml.make,
+    "anil": maml.make,
+    "metasgd": maml.make,
     "reptile": reptile.make,
     "finetune": finetune.make,
     "protonet": protonet.make,

@@ -36,14 +36,20 @@ def sgd_adapt(
     lr,
     steps: int,
     first_order: bool = False,
+    remat: bool = False,
 ) -> Params:
     """`steps` gradient steps on the support loss, unrolled with lax.scan.
 
     lr is a float or a pytree of per-leaf learning rates (layer-wise rates, 0 for frozen leaves).
     Without first_order the result stays differentiable through the inner gradients (MAML);
-    with it the inner gradients are constants to the outer derivative.
+    with it the inner gradients are constants to the outer derivative. remat recomputes each
+    inner step in the backward pass instead of storing it, so memory no longer grows with the
+    number of steps (at the price of one more forward pass per step).
     """
     lrs = lr if isinstance(lr, (dict, list, tuple)) else jax.tree.map(lambda _: lr, params)
+    if remat:
+        # A scan carry must keep its type: float leaves of a Python lr tree become arrays.
+        lrs = jax.tree.map(jnp.asarray, lrs)
 
     def step(p, _):
         g = jax.grad(loss)(p, support)
@@ -53,5 +59,5 @@ def sgd_adapt(
 
     if steps == 0:
         return params
-    adapted, _ = jax.lax.scan(step, params, None, length=steps)
+    adapted, _ = jax.lax.scan(jax.checkpoint(step) if remat else step, params, None, length=steps)
     return adapted
