@@ -173,6 +173,21 @@ class MetaSGDConfig(MAMLConfig):
 
 
 @dataclass
+class IMAMLConfig(AlgoConfig):
+    name: str = "imaml"
+    inner_lr: float = 0.1
+    inner_steps: int = 16  # gradient steps on the proximal inner problem
+    prox_lambda: float = 2.0  # strength of the pull towards the meta-parameters
+    cg_steps: int = 5  # conjugate-gradient iterations for the implicit meta-gradient
+
+    def __post_init__(self) -> None:
+        _positive("algo.inner_lr", self.inner_lr)
+        _positive("algo.prox_lambda", self.prox_lambda)
+        _require(self.inner_steps >= 1, f"algo.inner_steps={self.inner_steps} must be >= 1.")
+        _require(self.cg_steps >= 1, f"algo.cg_steps={self.cg_steps} must be >= 1.")
+
+
+@dataclass
 class ReptileConfig(AlgoConfig):
     name: str = "reptile"
     inner_lr: float = 0.001
@@ -281,6 +296,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "maml": MAMLConfig,
         "anil": ANILConfig,
         "metasgd": MetaSGDConfig,
+        "imaml": IMAMLConfig,
         "reptile": ReptileConfig,
         "finetune": FinetuneConfig,
         "protonet": ProtoNetConfig,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from metalearn.algorithms import finetune, maml, protonet, reptile
+from metalearn.algorithms import finetune, imaml, maml, protonet, reptile
 
 ALGORITHMS = {
     "maml": maml.make,
     "anil": maml.make,
     "metasgd": maml.make,
+    "imaml": imaml.make,
     "reptile": reptile.make,
     "finetune": finetune.make,
     "protonet": protonet.make,
