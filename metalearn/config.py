@@ -154,10 +154,26 @@ class MAMLConfig(AlgoConfig):
     )  # parameter groups the inner loop adapts
     learn_inner_lr: bool = False  # Meta-SGD: a meta-learned inner rate per adapted parameter
     remat: bool = False  # recompute inner steps in the backward pass (long inner loops)
+    per_step_lr: bool = False  # MAML++: with learn_inner_lr, one learned rate set per inner step
+    multi_step_loss: int = (
+        0  # MAML++: query loss after every inner step, annealed to the last over N steps
+    )
+    first_order_until: int = 0  # MAML++: first-order meta-gradients for the first N training steps
 
     def __post_init__(self) -> None:
         _positive("algo.inner_lr", self.inner_lr)
         _require(self.inner_steps >= 1, f"algo.inner_steps={self.inner_steps} must be >= 1.")
+        _require(
+            not self.per_step_lr or self.learn_inner_lr,
+            "algo.per_step_lr=true needs algo.learn_inner_lr=true (the rates it learns per step).",
+        )
+        _require(
+            self.multi_step_loss >= 0, f"algo.multi_step_loss={self.multi_step_loss} must be >= 0."
+        )
+        _require(
+            self.first_order_until >= 0,
+            f"algo.first_order_until={self.first_order_until} must be >= 0.",
+        )
 
 
 @dataclass
@@ -170,6 +186,16 @@ class ANILConfig(MAMLConfig):
 class MetaSGDConfig(MAMLConfig):
     name: str = "metasgd"
     learn_inner_lr: bool = True
+
+
+@dataclass
+class MAMLPPConfig(MAMLConfig):
+    name: str = "mamlpp"
+    inner_steps: int = 5
+    learn_inner_lr: bool = True
+    per_step_lr: bool = True
+    multi_step_loss: int = 10000
+    first_order_until: int = 5000
 
 
 @dataclass
@@ -296,6 +322,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "maml": MAMLConfig,
         "anil": ANILConfig,
         "metasgd": MetaSGDConfig,
+        "mamlpp": MAMLPPConfig,
         "imaml": IMAMLConfig,
         "reptile": ReptileConfig,
         "finetune": FinetuneConfig,

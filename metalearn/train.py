@@ -106,34 +106,35 @@ def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int, mesh: Me
         return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P("tasks")))
 
     per_task_loss = algo.meta_loss or (
-        lambda p, task, key: episode_metrics(algo, exp.loss_fn, p, task, key, inner_steps)
+        lambda p, task, key, step: episode_metrics(algo, exp.loss_fn, p, task, key, inner_steps)
     )
 
-    def batch_gradient(params, tasks, keys):
+    def batch_gradient(params, tasks, keys, step):
         if algo.meta_gradient is not None:
             grads, metrics = jax.vmap(algo.meta_gradient, (None, 0, 0))(params, tasks, keys)
             return jax.tree.map(lambda g: g.mean(0), grads), metrics
 
         def mean_loss(p):
-            losses, metrics = jax.vmap(per_task_loss, (None, 0, 0))(p, tasks, keys)
+            losses, metrics = jax.vmap(per_task_loss, (None, 0, 0, None))(p, tasks, keys, step)
             return losses.mean(), metrics
 
         (_, metrics), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
         return grads, metrics
 
-    def step(state: TrainState, arrays, key):
+    def train_step(state: TrainState, arrays, key, step=0):
+        """`step` (the 1-based training step) is for algorithms whose objective has a schedule."""
         k_tasks, k_algo = jax.random.split(key)
         task_keys = over_tasks(jax.random.split(k_tasks, meta_batch))
         tasks = over_tasks(
             jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(task_keys)
         )
         algo_keys = over_tasks(jax.random.split(k_algo, meta_batch))
-        grads, metrics = batch_gradient(state.params, tasks, algo_keys)
+        grads, metrics = batch_gradient(state.params, tasks, algo_keys, step)
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state), jax.tree.map(jnp.mean, metrics)
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0)
 
 
 def restore(run_dir, overrides: list[str], checkpoint: str = "best"):
@@ -224,7 +225,9 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     with _stop_on_signals() as stop, report.active():
         for step in range(progress["step"] + 1, cfg.train.steps + 1):
             t = time.perf_counter()
-            state, metrics = train_step(state, train_arrays, jax.random.fold_in(train_key, step))
+            state, metrics = train_step(
+                state, train_arrays, jax.random.fold_in(train_key, step), step
+            )
             report.advance()
             if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

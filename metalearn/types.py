@@ -32,8 +32,9 @@ class Algorithm(NamedTuple):
     init(key) -> meta_params
     adapt(meta_params, support, key, inner_steps) -> task_params   (sees the support set only)
     predict(meta_params, task_params, x) -> predictions
-    meta_loss(meta_params, task, key) -> (loss, metrics): the training objective for one task;
-        None means the episodic loss of predict(adapt(support)) on the query set.
+    meta_loss(meta_params, task, key, step) -> (loss, metrics): the training objective for one
+        task at training step `step`; None means the episodic loss of predict(adapt(support))
+        on the query set.
     meta_gradient(meta_params, task, key) -> (update direction, metrics): for learners such as
         Reptile whose outer update is not the gradient of a loss; None means grad of meta_loss.
     global_labels: train on tasks labelled with split-wide class indices (pre-training).
@@ -42,6 +43,6 @@ class Algorithm(NamedTuple):
     init: Callable[[jax.Array], Params]
     adapt: Callable[..., Params]
     predict: Callable[[Params, Params, jax.Array], jax.Array]
-    meta_loss: Callable[[Params, Task, jax.Array], tuple[jax.Array, Metrics]] | None = None
+    meta_loss: Callable[..., tuple[jax.Array, Metrics]] | None = None
     meta_gradient: Callable[[Params, Task, jax.Array], tuple[Params, Metrics]] | None = None
     global_labels: bool = False

@@ -60,6 +60,8 @@ def image_experiment(algo_name: str, model_cfg=None) -> Experiment:
     algo_cfg = SCHEMAS["algo"][algo_name]()
     if algo_name == "reptile":
         algo_cfg.inner_optimizer, algo_cfg.inner_lr = "sgd", 0.1
+    elif algo_name in ("mamlpp", "imaml"):  # fewer inner steps than the papers: a quick test
+        algo_cfg.inner_lr, algo_cfg.inner_steps = (0.4, 2) if algo_name == "mamlpp" else (0.1, 4)
     elif hasattr(algo_cfg, "inner_lr"):
         algo_cfg.inner_lr = 0.4 if algo_name in ("maml", "anil", "metasgd") else 0.1
     algo = ALGORITHMS[algo_name](algo_cfg, model, classification_loss, n_out=3, n_train_classes=10)

@@ -105,3 +105,69 @@ def test_imaml_meta_gradient_matches_closed_form_on_a_quadratic():
     got, metrics = algo.meta_gradient(theta, TASK, KEY)
     np.testing.assert_allclose(got["head"]["w"], want, rtol=1e-4, atol=1e-5)
     assert "loss" in metrics
+
+
+def mamlpp(**kw):
+    from metalearn.config import MAMLPPConfig
+
+    base = dict(inner_lr=0.05, inner_steps=3, multi_step_loss=0, first_order_until=0)
+    return make(MAMLPPConfig(**{**base, **kw}))
+
+
+def scheduled_grad(algo, meta, step):
+    return jax.grad(lambda m: algo.meta_loss(m, TASK, KEY, step)[0])(meta)
+
+
+def close(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
+
+
+def test_mamlpp_rates_are_per_step_and_per_array_and_start_as_maml():
+    algo = mamlpp()
+    meta = algo.init(KEY)
+    assert all(r.shape == (3,) for r in jax.tree.leaves(meta["inner_lr"]))
+    close(
+        meta_grad(algo, meta, 3)["init"],
+        meta_grad(make(MAMLConfig(inner_lr=0.05, inner_steps=3)), meta["init"], 3),
+    )
+    # Rates of a later step change the result only when that step runs.
+    bumped = jax.tree.map(lambda r: r.at[2].set(0.5), meta["inner_lr"])
+    one = algo.adapt(meta, TASK.support, KEY, 2)
+    close(one, algo.adapt({**meta, "inner_lr": bumped}, TASK.support, KEY, 2))
+    assert not np.allclose(
+        algo.adapt(meta, TASK.support, KEY, 3)["head"]["w"],
+        algo.adapt({**meta, "inner_lr": bumped}, TASK.support, KEY, 3)["head"]["w"],
+    )
+
+
+def test_multi_step_loss_weights_anneal_to_the_last_step():
+    from metalearn.algorithms.maml import multi_step_weights
+
+    np.testing.assert_allclose(multi_step_weights(4, 0, 100), [0.25] * 4)
+    np.testing.assert_allclose(multi_step_weights(4, 100, 100), [0, 0, 0, 1])
+    np.testing.assert_allclose(multi_step_weights(4, 50, 100), [0.125, 0.125, 0.125, 0.625])
+
+    algo = mamlpp(multi_step_loss=100)
+    meta = algo.init(KEY)
+    losses = [
+        regression_loss(
+            MLP.apply(algo.adapt(meta, TASK.support, KEY, k), TASK.query.x), TASK.query.y
+        )[0]
+        for k in (1, 2, 3)
+    ]
+    np.testing.assert_allclose(algo.meta_loss(meta, TASK, KEY, 0)[0], np.mean(losses), rtol=1e-5)
+    np.testing.assert_allclose(algo.meta_loss(meta, TASK, KEY, 100)[0], losses[-1], rtol=1e-5)
+
+
+def test_derivative_order_annealing():
+    algo = mamlpp(first_order_until=10)
+    meta = algo.init(KEY)
+    first = mamlpp(first_order=True)
+    second = mamlpp()
+    close(scheduled_grad(algo, meta, 10), jax.grad(lambda m: episode_loss(first, m))(meta))
+    close(scheduled_grad(algo, meta, 11), jax.grad(lambda m: episode_loss(second, m))(meta))
+
+
+def episode_loss(algo, meta):
+    adapted = algo.adapt(meta, TASK.support, KEY)
+    return regression_loss(MLP.apply(adapted, TASK.query.x), TASK.query.y)[0]

@@ -8,6 +8,7 @@ ALGORITHMS = {
     "maml": maml.make,
     "anil": maml.make,
     "metasgd": maml.make,
+    "mamlpp": maml.make,
     "imaml": imaml.make,
     "reptile": reptile.make,
     "finetune": finetune.make,

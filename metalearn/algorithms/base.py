@@ -35,29 +35,41 @@ def sgd_adapt(
     *,
     lr,
     steps: int,
-    first_order: bool = False,
+    first_order=False,
     remat: bool = False,
-) -> Params:
+    trajectory: bool = False,
+):
     """`steps` gradient steps on the support loss, unrolled with lax.scan.
 
-    lr is a float or a pytree of per-leaf learning rates (layer-wise rates, 0 for frozen leaves).
+    lr is a float, a pytree of per-leaf rates (layer-wise rates, 0 for frozen leaves), or a
+    function of the step index returning such a pytree (per-step rates).
     Without first_order the result stays differentiable through the inner gradients (MAML);
-    with it the inner gradients are constants to the outer derivative. remat recomputes each
-    inner step in the backward pass instead of storing it, so memory no longer grows with the
-    number of steps (at the price of one more forward pass per step).
+    with it the inner gradients are constants to the outer derivative. first_order may be a
+    traced bool (switched by a schedule during training). remat recomputes each inner step in
+    the backward pass instead of storing it, so memory no longer grows with the number of steps
+    (at the price of one more forward pass per step). With trajectory the parameters after
+    every step are returned too, stacked on a leading axis.
     """
-    lrs = lr if isinstance(lr, (dict, list, tuple)) else jax.tree.map(lambda _: lr, params)
-    if remat:
-        # A scan carry must keep its type: float leaves of a Python lr tree become arrays.
-        lrs = jax.tree.map(jnp.asarray, lrs)
+    if callable(lr):
+        lr_at = lr
+    else:
+        lrs = lr if isinstance(lr, (dict, list, tuple)) else jax.tree.map(lambda _: lr, params)
+        lrs = jax.tree.map(jnp.asarray, lrs)  # a scan carry keeps its type: no Python floats
 
-    def step(p, _):
+        def lr_at(i):
+            return lrs
+
+    def step(p, i):
         g = jax.grad(loss)(p, support)
-        if first_order:
-            g = jax.lax.stop_gradient(g)
-        return jax.tree.map(lambda p, g, a: p - a * g, p, g, lrs), None
+        if isinstance(first_order, bool):
+            g = jax.lax.stop_gradient(g) if first_order else g
+        else:
+            g = jax.tree.map(lambda g: jnp.where(first_order, jax.lax.stop_gradient(g), g), g)
+        new = jax.tree.map(lambda p, g, a: p - a * g, p, g, lr_at(i))
+        return new, (new if trajectory else None)
 
     if steps == 0:
-        return params
-    adapted, _ = jax.lax.scan(jax.checkpoint(step) if remat else step, params, None, length=steps)
-    return adapted
+        return (params, jax.tree.map(lambda p: p[None], params)) if trajectory else params
+    body = jax.checkpoint(step) if remat else step
+    adapted, path = jax.lax.scan(body, params, jnp.arange(steps))
+    return (adapted, path) if trajectory else adapted

@@ -39,7 +39,7 @@ def make(
     def loss(params, split):
         return loss_fn(model.apply(params, split.x), split.y)[0]
 
-    def meta_loss(params, task, key):
+    def meta_loss(params, task, key, step=None):
         x = jnp.concatenate([task.support.x, task.query.x])
         y = jnp.concatenate([task.support.y, task.query.y])
         return loss_fn(model.apply(params, x), y)

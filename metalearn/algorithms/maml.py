@@ -6,7 +6,11 @@ The inner loop is jax.grad inside the outer jax.value_and_grad. Options (each a 
   Raghu et al. 2020; ["blocks"] for BOIL); the others are only meta-learned;
 - learn_inner_lr: meta-learn one inner learning rate per adapted parameter (Meta-SGD,
   Li et al. 2017), starting from inner_lr;
-- remat: recompute inner steps in the backward pass (memory independent of inner_steps).
+- remat: recompute inner steps in the backward pass (memory independent of inner_steps);
+- MAML++ (Antoniou et al. 2019): per_step_lr (learned rates per inner step and parameter
+  array), multi_step_loss (annealed query losses of every inner step) and first_order_until
+  (derivative-order annealing). Its per-step batch-norm statistics and cosine outer schedule
+  are not implemented.
 """
 
 from __future__ import annotations
@@ -60,33 +64,82 @@ def make(cfg: MAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Alg
 
     def init(key):
         params = model.init(key, n_out)
-        adapt_mask(params, cfg.adapt)  # reject unknown groups before training starts
+        mask = adapt_mask(params, cfg.adapt)  # rejects unknown groups before training starts
         if not cfg.learn_inner_lr:
             return params
-        adapted, _ = partition(params, adapt_mask(params, cfg.adapt))
-        lrs = jax.tree.map(lambda p: jnp.full_like(p, cfg.inner_lr), adapted)
+        adapted, _ = partition(params, mask)
+        if cfg.per_step_lr:  # MAML++: one rate per parameter array and inner step
+            lrs = jax.tree.map(lambda p: jnp.full((cfg.inner_steps,), cfg.inner_lr), adapted)
+        else:  # Meta-SGD: one rate per parameter entry
+            lrs = jax.tree.map(lambda p: jnp.full_like(p, cfg.inner_lr), adapted)
         return {"init": params, "inner_lr": lrs}
 
-    def adapt(meta_params, support, key, inner_steps=cfg.inner_steps):
+    def inner_rates(meta_params):
+        if not cfg.learn_inner_lr:
+            return cfg.inner_lr
+        lrs = meta_params["inner_lr"]
+        if not cfg.per_step_lr:
+            return lrs
+        # Steps beyond the trained ones (eval.inner_steps > inner_steps) reuse the last rates.
+        return lambda i: jax.tree.map(lambda r: r[jnp.minimum(i, r.shape[0] - 1)], lrs)
+
+    def inner_loop(meta_params, support, inner_steps, first_order, trajectory=False):
         params = model_params(meta_params)
         adapted, frozen = partition(params, adapt_mask(params, cfg.adapt))
 
         def support_loss(adapted, split):
             return loss_fn(model.apply(combine(adapted, frozen), split.x), split.y)[0]
 
-        adapted = sgd_adapt(
+        out = sgd_adapt(
             support_loss,
             adapted,
             support,
-            lr=meta_params["inner_lr"] if cfg.learn_inner_lr else cfg.inner_lr,
+            lr=inner_rates(meta_params),
             steps=inner_steps,
-            first_order=cfg.first_order,
+            first_order=first_order,
             remat=cfg.remat,
+            trajectory=trajectory,
         )
+        return out, frozen
+
+    def adapt(meta_params, support, key, inner_steps=cfg.inner_steps):
+        adapted, frozen = inner_loop(meta_params, support, inner_steps, cfg.first_order)
         return combine(adapted, frozen)
 
+    def predict(meta_params, task_params, x):
+        return model.apply(task_params, x)
+
+    def scheduled_meta_loss(meta_params, task, key, step):
+        """MAML++: first order early in training; the query loss after every inner step, its
+        weights moving linearly from uniform to the last step over multi_step_loss steps."""
+        first_order = cfg.first_order
+        if cfg.first_order_until:
+            first_order = jnp.logical_or(cfg.first_order, step <= cfg.first_order_until)
+        (final, path), frozen = inner_loop(
+            meta_params, task.support, cfg.inner_steps, first_order, trajectory=True
+        )
+        final_loss, metrics = loss_fn(
+            predict(meta_params, combine(final, frozen), task.query.x), task.query.y
+        )
+        if not cfg.multi_step_loss:
+            return final_loss, metrics
+        losses = jax.vmap(
+            lambda p: loss_fn(model.apply(combine(p, frozen), task.query.x), task.query.y)[0]
+        )(path)
+        weights = multi_step_weights(cfg.inner_steps, step, cfg.multi_step_loss)
+        return jnp.sum(weights * losses), metrics
+
+    scheduled = cfg.multi_step_loss or cfg.first_order_until
     return Algorithm(
         init=init,
         adapt=adapt,
-        predict=lambda meta_params, task_params, x: model.apply(task_params, x),
+        predict=predict,
+        meta_loss=scheduled_meta_loss if scheduled else None,
     )
+
+
+def multi_step_weights(inner_steps: int, step, anneal_steps: int) -> jax.Array:
+    """Uniform over the inner steps at training step 0, all on the last step from anneal_steps."""
+    a = jnp.clip(step / anneal_steps, 0.0, 1.0)
+    last = jax.nn.one_hot(inner_steps - 1, inner_steps)
+    return (1 - a) * jnp.full((inner_steps,), 1 / inner_steps) + a * last
