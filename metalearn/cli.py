@@ -96,7 +96,8 @@ def _hydra_train_task(dcfg) -> float | None:
     owns_dir = False
     try:
         resume = dcfg.get("resume")
-        if resume is not None and resume is not False:
+        resuming = resume is not None and resume is not False
+        if resuming:
             run, cfg = _resume_target(run, resume, overrides)
             owns_dir = True
         else:
@@ -112,8 +113,9 @@ def _hydra_train_task(dcfg) -> float | None:
         try:
             from metalearn.train import train
 
-            summary = train(cfg, run, resume=resume is not None and resume is not False)
-            summary.update(overrides=_run_overrides(run), status="completed")
+            summary = train(cfg, run, resume=resuming)
+            if run.primary:  # the other processes of a multi-host job write nothing
+                summary.update(overrides=_run_overrides(run), status="completed")
             run.write_summary(summary)
         finally:
             logging.getLogger().removeHandler(handler)
