@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,3 +49,20 @@ def linear_maml_experiment(task: Task, *, lr=0.1, steps=1, first_order=False) ->
     algo = ALGORITHMS["maml"](cfg, LINEAR, regression_loss, n_out=1, n_train_classes=1)
     # SGD with rate 1 turns the step's update into minus the meta-gradient.
     return Experiment(None, fixed_source(task), LINEAR, algo, regression_loss, optax.sgd(1.0))
+
+
+def metalearn(args, env, cwd, check=False) -> subprocess.CompletedProcess:
+    """Run the `metalearn` command as a user would; with check, fail the test on a non-zero exit."""
+    result = subprocess.run(
+        [sys.executable, "-m", "metalearn", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"metalearn {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        )
+    return result

@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import metalearn as run_metalearn
 from omniglot_fixture import make_omniglot_zips
 
 # Small but complete: every stage of a run, in seconds.
@@ -49,19 +47,7 @@ def omniglot_root(tmp_path_factory):
 
 
 def metalearn(args, env, cwd, check=True):
-    result = subprocess.run(
-        [sys.executable, "-m", "metalearn", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=600,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"metalearn {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-        )
-    return result
+    return run_metalearn(args, env, cwd, check=check)
 
 
 def assert_run_dir(run: Path, classification: bool):
@@ -224,8 +210,3 @@ def test_bad_eval_override_shape(tmp_path, env, omniglot_root):
     result = metalearn(["eval", str(run), "data.n_way=4"], env, tmp_path, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "shape" in result.stderr
-
-
-def test_zip_fixture_is_read_as_zip(omniglot_root):
-    with zipfile.ZipFile(omniglot_root / "images_background.zip") as z:
-        assert any(n.endswith(".png") for n in z.namelist())

@@ -11,12 +11,11 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import metalearn
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # Every stage of a run (train, validate, test the best checkpoint) in a few seconds.
@@ -48,17 +47,6 @@ def env(tmp_path_factory):
     environ = {k: v for k, v in os.environ.items() if k != "METALEARN_DATA"}
     environ.update(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg")), HYDRA_FULL_ERROR="0")
     return environ
-
-
-def metalearn(args, env, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "metalearn", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
 
 
 def check(result):
