@@ -54,23 +54,45 @@ def table_order(runs: list[dict], objective: str) -> list[int]:
     return sorted(range(len(runs)), key=lambda i: sort_key(runs[i]))
 
 
+def task_names(runs: list[dict]) -> list[str]:
+    """Multi-task runs' task names, in first-seen order (empty for meta-learning runs)."""
+    names: dict[str, None] = {}
+    for run in runs:
+        names.update(dict.fromkeys((run.get("test") or {}).get("per_task", {})))
+    return list(names)
+
+
 def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Columns: the overrides that differ between runs, then the test metric, steps and time."""
+    """Columns: the overrides that differ between runs, then the test metric (for multi-task
+    runs: the mean over tasks, the worst task and every task's metric), steps and time."""
     maps, differing = differing_overrides(runs)
     objective = objective_of(runs)
     order = table_order(runs, objective)
-    header = ["run", *differing, f"test {objective}", "±ci95", "steps", "train s", "status"]
+    tasks = task_names(runs)
+    per_task_header = ["worst task", f"worst {objective}", *tasks] if tasks else []
+    header = ["run", *differing, f"test {objective}", "±ci95", *per_task_header]
+    header += ["steps", "train s", "status"]
+    scale = 100.0 if objective == "accuracy" else 1.0
+
+    def fmt(value):
+        return "" if value is None else f"{value * scale:.4g}"
+
     rows = []
     for i in order:
         run, test = runs[i], runs[i].get("test") or {}
-        scale = 100.0 if objective == "accuracy" else 1.0
         value = test.get(objective)
+        per_task = []
+        if tasks:
+            worst = test.get("worst", {})
+            per_task = [worst.get("task", ""), fmt(worst.get(objective))]
+            per_task += [fmt(test.get("per_task", {}).get(t, {}).get(objective)) for t in tasks]
         rows.append(
             [
                 Path(run["path"]).name,
                 *(maps[i].get(k, "") for k in differing),
-                "" if value is None else f"{value * scale:.4g}",
+                fmt(value),
                 "" if value is None else f"{test.get(objective + '_ci95', 0) * scale:.2g}",
+                *per_task,
                 str(run.get("steps", "")),
                 str(run.get("train_time_s", "")),
                 run.get("status", "")
@@ -109,6 +131,12 @@ def compare_command(argv: list[str]) -> None:
         metavar="DIR",
         help="also write learning_curves.png and test_metrics.png to this folder",
     )
+    parser.add_argument(
+        "--negative-transfer",
+        metavar="DIR",
+        help="multi-task runs: write negative_transfer.md and .png (each task's gain against "
+        "conditioning=separate) to this folder",
+    )
     args = parser.parse_args(argv)
     try:
         runs = [load_run(p) for p in find_runs(args.paths)]
@@ -134,5 +162,16 @@ def compare_command(argv: list[str]) -> None:
                 f"metalearn: error: cannot write the plots to {args.plot}: {error}", file=sys.stderr
             )
             sys.exit(2)
+        for path in written:
+            print(f"wrote {path}")
+    if args.negative_transfer:
+        from metalearn.transfer_report import write_report
+
+        try:
+            written = write_report(runs, Path(args.negative_transfer))
+        except (RunDirError, OSError) as error:
+            print(f"metalearn: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        print(written[0].read_text())
         for path in written:
             print(f"wrote {path}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -40,6 +40,9 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class DataConfig:
+    kind: ClassVar[str] = "classification"  # or "regression"; what the data's targets are
+    multitask: ClassVar[bool] = False  # a fixed set of T tasks with ids (multi-task learning)
+
     name: str = MISSING
     n_way: int = 5  # classes per task (classification only)
     k_shot: int = 1  # support examples per class (per task for regression)
@@ -52,6 +55,8 @@ class DataConfig:
 
 @dataclass
 class SinusoidConfig(DataConfig):
+    kind: ClassVar[str] = "regression"
+
     name: str = "sinusoid"
     k_shot: int = 10
     k_query: int = 10
@@ -95,6 +100,172 @@ class OmniglotConfig(DataConfig):
         )
 
 
+# data=tfds and its presets (conf/data/<option>.yaml): a TFDS dataset with its usual settings.
+TFDS_DATA = ("tfds", "cifar_fs", "fc100", "cub", "vgg_flowers", "dtd", "quickdraw", "omniglot_tfds")
+# How a TFDS dataset's classes are split: published splits of cifar100, or a seeded shuffle.
+TFDS_CLASS_SPLITS = {"seeded": None, "cifar_fs": "cifar100", "fc100": "cifar100"}
+
+
+@dataclass
+class TfdsConfig(DataConfig):
+    """Any tensorflow-datasets image-classification dataset as N-way K-shot tasks (data/tfds.py).
+
+    name is the TFDS catalogue name (cifar100, or name/config:version), prepared as array_record.
+    Its classes go to meta-train/val/test by a published split (classes=cifar_fs: 64/16/20
+    classes; fc100: 12/4/4 superclasses) or by a seeded shuffle cut by fractions or sizes.
+    """
+
+    name: str = MISSING  # the TFDS catalogue name, e.g. cifar100
+    source: str = "tfds"  # marks a TFDS dataset in a saved config, whatever its name
+    data_dir: str | None = None  # TFDS data folder; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    splits: list[str] = field(default_factory=list)  # TFDS splits pooled; empty: all of them
+    classes: str = "seeded"  # seeded | cifar_fs | fc100
+    split_seed: int = 0  # seeded: the shuffle of the classes
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # seeded: train/val/test
+    split_sizes: list[int] = field(default_factory=list)  # seeded: class counts, over fractions
+    image_size: int = 84  # images are resized to image_size x image_size
+    channels: int = 3  # 3: RGB; 1: grayscale
+    invert: bool = False  # 255 - pixel: dark ink on white (Omniglot) becomes bright ink
+    max_per_class: int = 0  # keep the first this many examples of each class; 0: all
+    image_key: str = "image"  # the TFDS feature holding the image
+    label_key: str = "label"  # the TFDS ClassLabel feature holding the class
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.n_way >= 2, f"data.n_way={self.n_way} is not allowed: it must be >= 2.")
+        _require(
+            self.source == "tfds",
+            f"data.source={self.source!r} is not allowed: a TFDS dataset has source 'tfds'.",
+        )
+        _choice("data.classes", self.classes, tuple(TFDS_CLASS_SPLITS))
+        needs = TFDS_CLASS_SPLITS[self.classes]
+        base = self.name.split("/")[0].split(":")[0]
+        _require(
+            needs is None or base == needs,
+            f"data.classes={self.classes} is a published split of {needs}, not of "
+            f"data.name={self.name}; use data.classes=seeded for other datasets.",
+        )
+        fractions = tuple(self.split_fractions)
+        _require(
+            len(fractions) == 3
+            and min(fractions) >= 0
+            and fractions[0] > 0
+            and abs(sum(fractions) - 1) < 1e-6,
+            f"data.split_fractions={list(fractions)} is not allowed: give three train/val/test "
+            "fractions of the classes, each >= 0 (train > 0), that add up to 1, e.g. "
+            "[0.7, 0.15, 0.15].",
+        )
+        sizes = list(self.split_sizes)
+        _require(
+            not sizes or (len(sizes) == 3 and min(sizes) >= 0),
+            f"data.split_sizes={sizes} is not allowed: give [] (use data.split_fractions) or "
+            "three non-negative train/val/test class counts.",
+        )
+        _require(
+            8 <= self.image_size <= 512, f"data.image_size={self.image_size} must be in [8, 512]."
+        )
+        _require(
+            self.channels in (1, 3),
+            f"data.channels={self.channels} is not allowed: use 3 (RGB) or 1 (grayscale).",
+        )
+        _require(
+            self.max_per_class == 0 or self.max_per_class >= self.k_shot + self.k_query,
+            f"data.max_per_class={self.max_per_class} is not allowed: use 0 (every example) or "
+            f"at least data.k_shot + data.k_query = {self.k_shot + self.k_query}, since support "
+            "and query examples of a class are distinct.",
+        )
+
+
+@dataclass
+class OmniglotAlphabetsConfig(DataConfig):
+    """Multi-task Omniglot: each alphabet is one task over its own characters (labels 0..C_t-1).
+
+    k_shot and k_query count examples per task, not per class: a task's support and query are
+    disjoint batches of (character, drawing) pairs of its alphabet from the split's drawings.
+    n_way is not used. Train/val/test split the 20 drawings of every character.
+    """
+
+    multitask: ClassVar[bool] = True
+
+    name: str = "omniglot_alphabets"
+    k_shot: int = 10  # support examples per task
+    k_query: int = 10  # query examples per task (disjoint from the support)
+    # Alphabet names or indices (0-29 background, 30-49 evaluation, sorted); empty: the 30
+    # background alphabets. exclude_alphabets then drops some (e.g. one held out for transfer).
+    alphabets: list[str] = field(default_factory=list)
+    exclude_alphabets: list[str] = field(default_factory=list)
+    drawings: tuple[int, int, int] = (14, 2, 4)  # train/val/test drawings of each character
+    split_seed: int = 0  # which drawings of a character go to which split
+    root: str | None = None  # folder with images_background.zip and images_evaluation.zip
+    image_size: int = 28
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        drawings = tuple(self.drawings)
+        _require(
+            len(drawings) == 3 and min(drawings) >= 1 and sum(drawings) == 20,
+            f"data.drawings={list(drawings)} is not allowed: give three train/val/test counts, "
+            "each >= 1 (every split holds every character), that add up to the 20 drawings of "
+            "an Omniglot character, e.g. [14, 2, 4].",
+        )
+        _require(
+            8 <= self.image_size <= 105, f"data.image_size={self.image_size} must be in [8, 105]."
+        )
+
+
+@dataclass
+class MultiSinusoidConfig(DataConfig):
+    """T fixed sinusoid tasks y = A sin(f x - phase) with controllable relatedness.
+
+    Each task's (A, f, phase) is relatedness * shared + (1 - relatedness) * its own draw, all
+    drawn once from task_seed; a fraction `conflict` of the tasks (the last ones) has its sign
+    flipped. k_shot and k_query count points per task. Val and test points are fresh x draws;
+    train points too, unless train_points fixes a finite training set per task.
+    """
+
+    kind: ClassVar[str] = "regression"
+    multitask: ClassVar[bool] = True
+
+    name: str = "multi_sinusoid"
+    k_shot: int = 10  # support points per task
+    k_query: int = 10  # query points per task (disjoint from the support)
+    n_tasks: int = 10
+    relatedness: float = 0.5  # 1: all tasks identical (before conflict); 0: independent draws
+    conflict: float = 0.0  # fraction of tasks whose targets are negated (negative transfer)
+    task_seed: int = 0  # draws the tasks' parameters (and train_points)
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    frequency: tuple[float, float] = (0.5, 2.0)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    train_points: int = 0  # > 0: a fixed set of this many train x per task; 0: fresh draws
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.n_tasks >= 1, f"data.n_tasks={self.n_tasks} is not allowed: it must be >= 1.")
+        for key in ("relatedness", "conflict"):
+            value = getattr(self, key)
+            _require(0 <= value <= 1, f"data.{key}={value} is not allowed: it must be in [0, 1].")
+        for key in ("amplitude", "phase", "frequency"):
+            lo, hi = getattr(self, key)
+            _require(
+                lo <= hi,
+                f"data.{key}=[{lo}, {hi}] is not allowed: the low end must not exceed the high "
+                "end (equal ends fix the value).",
+            )
+        lo, hi = self.x_range
+        _require(
+            lo < hi,
+            f"data.x_range=[{lo}, {hi}] is not allowed: the low end must be below the high end.",
+        )
+        _require(
+            self.train_points == 0 or self.train_points >= self.k_shot + self.k_query,
+            f"data.train_points={self.train_points} is not allowed: a task's support and query are "
+            f"disjoint, so it needs 0 (fresh x draws) or at least data.k_shot + data.k_query = "
+            f"{self.k_shot + self.k_query} points.",
+        )
+
+
 # ---------------------------------------------------------------------------------------- model
 
 
@@ -124,12 +295,33 @@ class Conv4Config(ModelConfig):
         _choice("model.downsample", self.downsample, ("stride", "maxpool"))
 
 
+CONDITIONINGS = ("none", "concat", "additive", "multihead", "film", "mmoe", "separate")
+# Conditionings that pick per-task parameters by the task's index (the others read a vector z).
+INDEXED_CONDITIONINGS = ("multihead", "mmoe", "separate")
+
+
 @dataclass
 class ConditioningConfig:
+    """How a task descriptor z conditions the model f(y | x, z) (metalearn/conditioning.py)."""
+
     name: str = "none"
+    descriptor: str = "onehot"  # onehot task id | embedding (a learned vector per task)
+    embedding_dim: int = 8  # size of the learned embedding
+    experts: int = 4  # mmoe: shared experts
+    expert_hidden: int = 0  # mmoe: width of each expert's trunk; 0 means the model's width
 
     def __post_init__(self) -> None:
-        _choice("conditioning.name", self.name, ("none",))
+        _choice("conditioning.name", self.name, CONDITIONINGS)
+        _choice("conditioning.descriptor", self.descriptor, ("onehot", "embedding"))
+        _require(
+            self.embedding_dim >= 1,
+            f"conditioning.embedding_dim={self.embedding_dim} must be >= 1.",
+        )
+        _require(self.experts >= 1, f"conditioning.experts={self.experts} must be >= 1.")
+        _require(
+            self.expert_hidden >= 0,
+            f"conditioning.expert_hidden={self.expert_hidden} must be >= 0.",
+        )
 
 
 # ---------------------------------------------------------------------------------------- algos
@@ -199,6 +391,33 @@ class MAMLPPConfig(MAMLConfig):
 
 
 @dataclass
+class CAVIAConfig(AlgoConfig):
+    name: str = "cavia"
+    inner_lr: float = 1.0  # step size on the context vector
+    inner_steps: int = 2
+    context_dim: int = 4  # size of the adapted context vector
+    first_order: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("algo.inner_lr", self.inner_lr)
+        _require(self.inner_steps >= 1, f"algo.inner_steps={self.inner_steps} must be >= 1.")
+        _require(self.context_dim >= 1, f"algo.context_dim={self.context_dim} must be >= 1.")
+
+
+@dataclass
+class AmortizedConfig(AlgoConfig):
+    name: str = "amortized"
+    context_dim: int = 32  # size of the task representation h
+    encoder_hidden: int = 64  # hidden units of the per-example encoder MLP
+
+    def __post_init__(self) -> None:
+        _require(self.context_dim >= 1, f"algo.context_dim={self.context_dim} must be >= 1.")
+        _require(
+            self.encoder_hidden >= 1, f"algo.encoder_hidden={self.encoder_hidden} must be >= 1."
+        )
+
+
+@dataclass
 class IMAMLConfig(AlgoConfig):
     name: str = "imaml"
     inner_lr: float = 0.1
@@ -251,6 +470,81 @@ class FinetuneConfig(AlgoConfig):
 @dataclass
 class ProtoNetConfig(AlgoConfig):
     name: str = "protonet"
+
+
+BLACKBOX_CORES = ("lstm", "snail", "transformer")
+
+
+@dataclass
+class BlackBoxConfig(AlgoConfig):
+    """A sequence model that reads the labelled support set (metalearn/algorithms/blackbox.py).
+    It has no inner loop, so no inner_steps."""
+
+    name: str = "blackbox"
+    core: str = "transformer"  # lstm | snail | transformer
+    hidden: int = 128  # lstm: state size; transformer: width; snail: filters per dense block
+    layers: int = 2  # lstm: stacked cells; transformer: blocks; snail: (TC, attention) pairs
+    heads: int = 4  # transformer: attention heads (hidden must be a multiple)
+    tc_layers: int = 0  # snail: dense blocks per TC block; 0: ceil(log2(support size + 1))
+    shuffle_support: bool = True  # shuffle the (label-sorted) support sequence in every episode
+
+    def __post_init__(self) -> None:
+        _choice("algo.core", self.core, BLACKBOX_CORES)
+        _require(self.hidden >= 4, f"algo.hidden={self.hidden} must be >= 4.")
+        _require(self.layers >= 1, f"algo.layers={self.layers} must be >= 1.")
+        _require(self.heads >= 1, f"algo.heads={self.heads} must be >= 1.")
+        _require(
+            self.core != "transformer" or self.hidden % self.heads == 0,
+            f"algo.hidden={self.hidden} with algo.heads={self.heads} is not allowed: the "
+            "transformer splits its width evenly over the heads, so hidden must be a multiple "
+            "of heads.",
+        )
+        _require(self.tc_layers >= 0, f"algo.tc_layers={self.tc_layers} must be >= 0.")
+
+
+WEIGHTINGS = ("uniform", "static", "uncertainty", "dwa", "minmax", "pcgrad")
+
+
+@dataclass
+class MultitaskConfig(AlgoConfig):
+    """Multi-task learning: one conditioned model trained on T tasks at once (CS330 lecture 2)."""
+
+    name: str = "multitask"
+    weighting: str = "uniform"  # how per-task losses combine: see WEIGHTINGS
+    task_weights: list[float] = field(default_factory=list)  # weighting=static: one w_i per task
+    dwa_temperature: float = 2.0  # weighting=dwa: softmax temperature over loss ratios
+    minmax_temperature: float = 0.0  # weighting=minmax: 0 is the hard max, > 0 a log-sum-exp
+    soft_sharing: float = 0.0  # lambda of the pairwise parameter distance (conditioning=separate)
+    # Transfer: start the trunk from another multi-task run's best checkpoint (a run directory),
+    # then fine-tune with the first `freeze` blocks fixed and block i's steps scaled by
+    # layer_decay**(depth - i); the heads and conditioning start fresh.
+    init_from: str | None = None
+    freeze: int = 0
+    layer_decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice("algo.weighting", self.weighting, WEIGHTINGS)
+        _positive("algo.dwa_temperature", self.dwa_temperature)
+        _require(
+            self.minmax_temperature >= 0 and math.isfinite(self.minmax_temperature),
+            f"algo.minmax_temperature={self.minmax_temperature} must be a finite number >= 0.",
+        )
+        _require(
+            self.soft_sharing >= 0 and math.isfinite(self.soft_sharing),
+            f"algo.soft_sharing={self.soft_sharing} must be a finite number >= 0.",
+        )
+        _require(self.freeze >= 0, f"algo.freeze={self.freeze} must be >= 0.")
+        _require(
+            0 < self.layer_decay <= 1, f"algo.layer_decay={self.layer_decay} must be in (0, 1]."
+        )
+        _require(
+            self.weighting == "static" or not self.task_weights,
+            "algo.task_weights is only used with algo.weighting=static.",
+        )
+        _require(
+            all(w >= 0 and math.isfinite(w) for w in self.task_weights),
+            f"algo.task_weights={list(self.task_weights)} is not allowed: weights must be >= 0.",
+        )
 
 
 # ------------------------------------------------------------------------------------ top level
@@ -315,18 +609,28 @@ class Config:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "data": {"sinusoid": SinusoidConfig, "omniglot": OmniglotConfig},
+    "data": {
+        "sinusoid": SinusoidConfig,
+        "omniglot": OmniglotConfig,
+        "omniglot_alphabets": OmniglotAlphabetsConfig,
+        "multi_sinusoid": MultiSinusoidConfig,
+        **{name: TfdsConfig for name in TFDS_DATA},
+    },
     "model": {"mlp": MLPConfig, "conv4": Conv4Config},
-    "conditioning": {"none": ConditioningConfig},
+    "conditioning": {name: ConditioningConfig for name in CONDITIONINGS},
     "algo": {
         "maml": MAMLConfig,
         "anil": ANILConfig,
         "metasgd": MetaSGDConfig,
         "mamlpp": MAMLPPConfig,
         "imaml": IMAMLConfig,
+        "cavia": CAVIAConfig,
+        "amortized": AmortizedConfig,
         "reptile": ReptileConfig,
         "finetune": FinetuneConfig,
         "protonet": ProtoNetConfig,
+        "blackbox": BlackBoxConfig,
+        "multitask": MultitaskConfig,
     },
 }
 
@@ -352,15 +656,38 @@ def from_yaml_with_overrides(saved: DictConfig, overrides: list[str]) -> Config:
     base = OmegaConf.structured(Config)
     for group, options in SCHEMAS.items():
         name = saved[group]["name"]
+        if group == "data" and saved[group].get("source") == "tfds":
+            name = "tfds"  # data.name is then a TFDS catalogue name, not a metalearn option
         base[group] = OmegaConf.structured(options[name])
     merged = OmegaConf.merge(base, saved, OmegaConf.from_dotlist(overrides))
     return to_config(merged)
 
 
+# Algorithms that feed a task descriptor through the conditioning group.
+CONDITIONED_ALGOS = ("multitask", "cavia", "amortized")
+
+
 def _check_combination(cfg: Config) -> None:
     """Checks that span groups: the data's task type against the algorithm and model."""
     _choice("logger", cfg.logger, ("jsonl", "tensorboard"))
-    regression = cfg.data.name == "sinusoid"
+    multitask_algo = cfg.algo.name == "multitask"
+    _require(
+        multitask_algo == cfg.data.multitask,
+        f"algo={cfg.algo.name} with data={cfg.data.name} is not allowed: "
+        + (
+            "data={0} is a fixed set of tasks for multi-task learning, which algo=multitask "
+            "trains; meta-learning algorithms need a task distribution (e.g. data=omniglot)."
+            if cfg.data.multitask
+            else "algo=multitask needs multi-task data (e.g. data=omniglot_alphabets or "
+            "data=multi_sinusoid)."
+        ).format(cfg.data.name),
+    )
+    _require(
+        cfg.conditioning.name == "none" or cfg.algo.name in CONDITIONED_ALGOS,
+        f"conditioning={cfg.conditioning.name} is not used by algo={cfg.algo.name}; task "
+        f"conditioning works with algo in {list(CONDITIONED_ALGOS)} (or use conditioning=none).",
+    )
+    regression = cfg.data.kind == "regression"
     if regression:
         _require(
             cfg.algo.name != "protonet",
@@ -369,7 +696,7 @@ def _check_combination(cfg: Config) -> None:
         )
         _require(
             cfg.model.name == "mlp",
-            f"model={cfg.model.name} expects images; data=sinusoid needs model=mlp.",
+            f"model={cfg.model.name} expects images; data={cfg.data.name} needs model=mlp.",
         )
     elif cfg.algo.name == "finetune":
         _require(

@@ -16,6 +16,8 @@ from metalearn.types import Algorithm
 def episode_metrics(algo: Algorithm, loss_fn: LossFn, params, task, key, inner_steps: int):
     """The query loss and metrics after adapting to the support set: shared by training and test,
     so meta-test adaptation cannot drift from what training optimised."""
+    if algo.evaluate_task is not None:
+        return algo.evaluate_task(params, task, key, inner_steps)
     task_params = algo.adapt(params, task.support, key, inner_steps)
     return loss_fn(algo.predict(params, task_params, task.query.x), task.query.y)
 
@@ -26,22 +28,35 @@ def make_evaluator(
     """evaluate(params, split, num_tasks, seed) -> {metric: mean, metric_ci95: ..., num_tasks}.
 
     Task i is always drawn from fold_in(PRNGKey(seed), i), so every evaluation of every run with
-    the same seed sees the same tasks, whatever the batch size.
+    the same seed sees the same tasks, whatever the batch size. A multi-task source's draw i is
+    a batch of task i mod T, and the result also holds each task's metrics, their mean and the
+    worst task (summarize_tasks).
     """
+    n_tasks = source.n_tasks
+
+    def draw(key, arrays, i):
+        if n_tasks:
+            return source.sample_task(key, arrays, i % n_tasks)
+        return source.sample(key, arrays, False)
 
     @jax.jit
     def run_batch(params, arrays, indices, base_key):
         def one(i):
             k_task, k_adapt = jax.random.split(jax.random.fold_in(base_key, i))
-            task = source.sample(k_task, arrays, False)
+            task = draw(k_task, arrays, i)
             return episode_metrics(algo, loss_fn, params, task, k_adapt, inner_steps)[1]
 
         return jax.lax.map(one, indices, batch_size=batch)
 
     def evaluate(params, split: str, num_tasks: int, seed: int) -> dict:
         base_key = jax.random.PRNGKey(seed)
+        if n_tasks:
+            num_tasks = n_tasks * max(1, round(num_tasks / n_tasks))  # every task equally often
         per_task = run_batch(params, source.splits[split], jnp.arange(num_tasks), base_key)
-        return summarize(jax.device_get(per_task))
+        per_task = jax.device_get(per_task)
+        if n_tasks:
+            return summarize_tasks(per_task, source.task_names)
+        return summarize(per_task)
 
     return evaluate
 
@@ -53,4 +68,24 @@ def summarize(per_task: dict) -> dict:
         out[name] = float(values.mean())
         out[f"{name}_ci95"] = float(1.96 * values.std() / np.sqrt(len(values)))
     out["num_tasks"] = int(len(next(iter(per_task.values()))))
+    return out
+
+
+def summarize_tasks(per_draw: dict, task_names: tuple[str, ...]) -> dict:
+    """Multi-task results: each task's mean metrics (draw i belongs to task i mod T), the mean
+    over tasks with a 95% CI across tasks, and the worst task (lowest accuracy, else highest
+    loss)."""
+    n_tasks = len(task_names)
+    per_task = {
+        name: {k: float(np.mean(np.asarray(v)[t::n_tasks])) for k, v in per_draw.items()}
+        for t, name in enumerate(task_names)
+    }
+    out = summarize({k: [per_task[name][k] for name in task_names] for k in per_draw})
+    out["num_tasks"] = n_tasks
+    out["num_batches"] = int(len(next(iter(per_draw.values()))))
+    out["per_task"] = per_task
+    metric = "accuracy" if "accuracy" in per_draw else "loss"
+    pick = min if metric == "accuracy" else max
+    worst = pick(task_names, key=lambda name: per_task[name][metric])
+    out["worst"] = {"task": worst, metric: per_task[worst][metric]}
     return out

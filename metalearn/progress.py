@@ -61,14 +61,23 @@ class Reporter:
         self.window = (time.perf_counter(), 0)
 
     def record(self, step: int, split: str, metrics: dict, note: str = "") -> None:
+        """metrics: scalars, plus for multi-task runs "per_task" ({task: {metric: value}}) and
+        "worst" ({"task": name, metric: value}), kept nested in metrics.jsonl."""
+        nested = {k: v for k, v in metrics.items() if isinstance(v, dict)}
+        metrics = {k: float(v) for k, v in metrics.items() if k not in nested}
         record = {"step": step, "split": split, "elapsed_s": round(self.elapsed_s, 3)}
-        record.update({k: float(v) for k, v in metrics.items()})
-        self.run.log_metrics(record)
+        self.run.log_metrics({**record, **metrics, **nested})
         if self.writer is not None:
             for name, value in metrics.items():
-                self.writer.add_scalar(f"{split}/{name}", float(value), step)
+                self.writer.add_scalar(f"{split}/{name}", value, step)
+            for task, values in nested.get("per_task", {}).items():
+                for name, value in values.items():
+                    self.writer.add_scalar(f"{split}_tasks/{name}/{task}", value, step)
             self.writer.flush()
         text = format_metrics(metrics)
+        if "worst" in nested:
+            worst = dict(nested["worst"])
+            note = f"worst task {worst.pop('task')}: {format_metrics(worst)}  {note}".strip()
         if split == "train":
             start, steps = self.window
             rate = steps / max(time.perf_counter() - start, 1e-9)

@@ -36,6 +36,12 @@ class TrainingError(RuntimeError):
 class TrainState(NamedTuple):
     params: Any
     opt_state: Any
+    algo_state: Any = ()  # what an algorithm's objective carries between steps (e.g. DWA)
+
+
+def initial_state(exp: Experiment, params) -> TrainState:
+    algo_state = exp.algo.init_state() if exp.algo.init_state else ()
+    return TrainState(params, exp.optimizer.init(params), algo_state)
 
 
 class Experiment(NamedTuple):
@@ -63,7 +69,13 @@ def build(cfg: Config) -> Experiment:
     model = make_model(cfg.model, source.input_shape)
     loss_fn = task_loss_fn(source.kind)
     algo = ALGORITHMS[cfg.algo.name](
-        cfg.algo, model, loss_fn, n_out=source.n_out, n_train_classes=source.n_train_classes
+        cfg.algo,
+        model,
+        loss_fn,
+        n_out=source.n_out,
+        n_train_classes=source.n_train_classes,
+        config=cfg,
+        source=source,
     )
     if cfg.algo.name == "reptile":
         # Reptile's outer step size is annealed linearly to 0, as in the paper.
@@ -71,7 +83,18 @@ def build(cfg: Config) -> Experiment:
         optimizer = optax.sgd(schedule)
     else:
         optimizer = optax.adam(cfg.train.outer_lr)
+    if algo.update_scale is not None:
+        optimizer = optax.chain(optimizer, scale_updates(algo.update_scale))
     return Experiment(cfg, source, model, algo, loss_fn, optimizer)
+
+
+def scale_updates(scale_of) -> optax.GradientTransformation:
+    """Multiply each step by a per-leaf factor (after Adam, whose steps ignore gradient scale)."""
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, f: u * f, updates, scale_of(updates)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def task_mesh(meta_batch: int) -> Mesh | None:
@@ -109,17 +132,19 @@ def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int, mesh: Me
         lambda p, task, key, step: episode_metrics(algo, exp.loss_fn, p, task, key, inner_steps)
     )
 
-    def batch_gradient(params, tasks, keys, step):
+    def batch_gradient(params, algo_state, tasks, keys, step):
+        if algo.batch_gradient is not None:
+            return algo.batch_gradient(params, algo_state, tasks, keys, step)
         if algo.meta_gradient is not None:
             grads, metrics = jax.vmap(algo.meta_gradient, (None, 0, 0))(params, tasks, keys)
-            return jax.tree.map(lambda g: g.mean(0), grads), metrics
+            return jax.tree.map(lambda g: g.mean(0), grads), algo_state, metrics
 
         def mean_loss(p):
             losses, metrics = jax.vmap(per_task_loss, (None, 0, 0, None))(p, tasks, keys, step)
             return losses.mean(), metrics
 
         (_, metrics), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-        return grads, metrics
+        return grads, algo_state, metrics
 
     def train_step(state: TrainState, arrays, key, step=0):
         """`step` (the 1-based training step) is for algorithms whose objective has a schedule."""
@@ -129,10 +154,12 @@ def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int, mesh: Me
             jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(task_keys)
         )
         algo_keys = over_tasks(jax.random.split(k_algo, meta_batch))
-        grads, metrics = batch_gradient(state.params, tasks, algo_keys, step)
+        grads, algo_state, metrics = batch_gradient(
+            state.params, state.algo_state, tasks, algo_keys, step
+        )
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state), jax.tree.map(jnp.mean, metrics)
+        return TrainState(params, opt_state, algo_state), jax.tree.map(jnp.mean, metrics)
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -160,9 +187,18 @@ def restore(run_dir, overrides: list[str], checkpoint: str = "best"):
     exp = build(from_yaml_with_overrides(OmegaConf.load(saved), overrides))
     template = exp.algo.init(jax.random.PRNGKey(exp.cfg.seed))
     if checkpoint == "latest":
-        template = TrainState(template, exp.optimizer.init(template))
+        template = initial_state(exp, template)
     tree, meta = run.load_checkpoint(checkpoint, template)
     return exp, (tree.params if checkpoint == "latest" else tree), meta
+
+
+def all_finite(metrics: dict) -> bool:
+    """Every number in metrics (nested per-task metrics included) is finite."""
+    return all(
+        all_finite(v) if isinstance(v, dict) else math.isfinite(v)
+        for v in metrics.values()
+        if not isinstance(v, str)
+    )
 
 
 def validation_score(metrics: dict, classification: bool) -> float:
@@ -183,7 +219,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     exp = build(cfg)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = exp.algo.init(init_key)
-    state = TrainState(params, exp.optimizer.init(params))
+    state = initial_state(exp, params)
     n_params = num_params(params)
     mesh = task_mesh(cfg.train.meta_batch)
     train_step = make_train_step(
@@ -233,7 +269,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if step == 1:
                     progress["compile_time_s"] = time.perf_counter() - t
-                if not all(map(math.isfinite, metrics.values())):
+                if not all_finite(metrics):
                     raise TrainingError(
                         f"The training loss became non-finite at step {step} (checked every "
                         f"train.log_every={cfg.train.log_every} steps; {metrics}). The "
@@ -245,7 +281,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
 
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
                 val = evaluate(state.params, "val", cfg.eval.val_tasks, cfg.eval.seed + 1)
-                if not all(map(math.isfinite, val.values())):
+                if not all_finite(val):
                     raise TrainingError(
                         f"The validation metrics became non-finite at step {step} ({val}): the "
                         "adaptation diverges. The last good checkpoint is "
@@ -279,6 +315,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
         "algo": cfg.algo.name,
         "data": cfg.data.name,
         "model": cfg.model.name,
+        "conditioning": cfg.conditioning.name,
         "seed": cfg.seed,
         "steps": cfg.train.steps,
         "test": test,

@@ -38,6 +38,14 @@ class Algorithm(NamedTuple):
     meta_gradient(meta_params, task, key) -> (update direction, metrics): for learners such as
         Reptile whose outer update is not the gradient of a loss; None means grad of meta_loss.
     global_labels: train on tasks labelled with split-wide class indices (pre-training).
+    Learners whose objective couples the tasks of a batch (multi-task weighting) replace the
+    per-task path with:
+    batch_gradient(meta_params, algo_state, tasks, keys, step) -> (grads, algo_state, metrics),
+        algo_state being what the objective carries between steps (init_state() at step 0);
+    evaluate_task(meta_params, task, key, inner_steps) -> (loss, metrics): the task's test
+        metrics, for learners that need the task's id rather than adapt/predict.
+    update_scale(updates) -> a tree of factors for the optimizer's steps (fine-tuning's frozen
+        and layer-wise learning rates).
     """
 
     init: Callable[[jax.Array], Params]
@@ -46,3 +54,7 @@ class Algorithm(NamedTuple):
     meta_loss: Callable[..., tuple[jax.Array, Metrics]] | None = None
     meta_gradient: Callable[[Params, Task, jax.Array], tuple[Params, Metrics]] | None = None
     global_labels: bool = False
+    batch_gradient: Callable[..., tuple[Params, Any, Metrics]] | None = None
+    init_state: Callable[[], Any] | None = None
+    evaluate_task: Callable[..., tuple[jax.Array, Metrics]] | None = None
+    update_scale: Callable[[Params], Params] | None = None

@@ -12,6 +12,7 @@ from metalearn.algorithms.base import classification_loss
 from metalearn.algorithms.finetune import layerwise_lrs
 from metalearn.config import (
     SCHEMAS,
+    ConditioningConfig,
     Config,
     Conv4Config,
     EvalConfig,
@@ -62,9 +63,18 @@ def image_experiment(algo_name: str, model_cfg=None) -> Experiment:
         algo_cfg.inner_optimizer, algo_cfg.inner_lr = "sgd", 0.1
     elif algo_name in ("mamlpp", "imaml"):  # fewer inner steps than the papers: a quick test
         algo_cfg.inner_lr, algo_cfg.inner_steps = (0.4, 2) if algo_name == "mamlpp" else (0.1, 4)
+    elif algo_name == "cavia":  # a context large enough to name the classes, through FiLM
+        algo_cfg.context_dim, algo_cfg.inner_steps = 16, 2
     elif hasattr(algo_cfg, "inner_lr"):
         algo_cfg.inner_lr = 0.4 if algo_name in ("maml", "anil", "metasgd") else 0.1
-    algo = ALGORITHMS[algo_name](algo_cfg, model, classification_loss, n_out=3, n_train_classes=10)
+    conditioning = ConditioningConfig(name="film" if algo_name == "cavia" else "none")
+    config = Config(
+        data=None, model=model_cfg, conditioning=conditioning, algo=algo_cfg
+    )  # for algorithms that build their own conditioned model (cavia)
+    algo = ALGORITHMS[algo_name](
+        algo_cfg, model, classification_loss, n_out=3, n_train_classes=10, config=config,
+        source=source,
+    )  # fmt: skip
     import optax
 
     optimizer = (
@@ -75,7 +85,8 @@ def image_experiment(algo_name: str, model_cfg=None) -> Experiment:
     return Experiment(None, source, model, algo, classification_loss, optimizer)
 
 
-@pytest.mark.parametrize("algo_name", sorted(ALGORITHMS))
+# multitask trains on a fixed set of tasks, not a task distribution: tests/test_multitask.py
+@pytest.mark.parametrize("algo_name", sorted(set(ALGORITHMS) - {"multitask"}))
 def test_every_algorithm_learns_a_tiny_image_task(algo_name):
     exp = image_experiment(algo_name)
     params = exp.algo.init(KEY)
@@ -91,8 +102,9 @@ def test_every_algorithm_learns_a_tiny_image_task(algo_name):
     after = evaluate(state.params, "test", 200, 1)
     assert np.all(np.isfinite(losses))
     assert after["num_tasks"] == 200 and 0 <= after["accuracy"] <= 1
-    # Reptile and iMAML need far more steps here; their learning is checked on sinusoids.
-    if algo_name not in ("reptile", "imaml"):
+    # Reptile, iMAML and CAVIA (whose context must learn to name the classes through FiLM) need
+    # far more steps here; their learning is checked on sinusoids (CAVIA: tests/test_cavia.py).
+    if algo_name not in ("reptile", "imaml", "cavia"):
         assert np.mean(losses[-20:]) < np.mean(losses[:20])
         margin = before["accuracy_ci95"] + after["accuracy_ci95"]
         assert after["accuracy"] > before["accuracy"] + margin, (before, after)

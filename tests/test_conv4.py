@@ -79,6 +79,87 @@ def test_conv_matches_xla_second_order(stride):
     close(got, want)
 
 
+ROW_CASES = [(2, 14, 16, 8), (2, 7, 16, 16), (3, 3, 16, 8), (2, 5, 24, 4)]  # (b, size, cin, cout)
+
+
+@pytest.mark.parametrize("b,size,cin,cout", ROW_CASES)
+def test_row_conv_matches_xla_to_second_order_in_float64(b, size, cin, cout):
+    """The custom_vjp row formulation (stride 1, Cin >= 16): value, first and second derivatives."""
+    assert cin >= conv_ops.ROWS3_MIN_CIN  # these cases take the row path through conv2d
+    with jax.enable_x64(True):
+        kx, kw, kt = jax.random.split(jax.random.key(9), 3)
+        x = jax.random.normal(kx, (b, size, size, cin), jnp.float64)
+        w = jax.random.normal(kw, (3, 3, cin, cout), jnp.float64) / np.sqrt(9 * cin)
+        target = jax.random.normal(kt, (b, size, size, cout), jnp.float64)
+        ours = functools.partial(conv_ops.conv2d, stride=1, impl="im2col")
+
+        def meta(conv):
+            def inner(w, x):
+                return jnp.mean(jnp.tanh(conv(x, w)) * target)
+
+            def outer(w, x):
+                g_w, g_x = jax.grad(inner, (0, 1))(w, x)
+                y = conv(x + g_x, w - 0.5 * g_w)
+                return jnp.sum(jnp.sin(y)) + jnp.sum(g_w**2) + jnp.sum(g_x**3)
+
+            return conv(x, w), jax.grad(inner, (0, 1))(w, x), jax.grad(outer, (0, 1))(w, x)
+
+        close(meta(ours), meta(lambda x, w: xla_conv(x, w, 1)), rtol=1e-10, atol=1e-12)
+
+
+def test_row_conv_under_vmap_with_per_task_weights_float32():
+    kx, kw, kg = jax.random.split(jax.random.key(10), 3)
+    x = normal(kx, (3, 2, 14, 14, 16))
+    w = normal(kw, (3, 3, 3, 16, 8), 1.0 / 12)
+    ct = normal(kg, (3, 2, 14, 14, 8))
+    f = jax.vmap(lambda x, w: conv_ops.conv2d(x, w, 1, impl="im2col"))
+    y, vjp = jax.vjp(f, x, w)
+    y_ref, vjp_ref = jax.vjp(jax.vmap(lambda x, w: xla_conv(x, w, 1)), x, w)
+    close(y, y_ref)
+    close(vjp(ct), vjp_ref(ct), rtol=1e-4, atol=1e-4)  # sums over 2*14*14 positions
+
+
+@pytest.mark.parametrize("cin,stride", [(1, 1), (1, 2), (3, 1), (16, 1), (16, 2)])
+def test_conv_moments_match_direct_statistics(cin, stride):
+    """Mean and variance of the conv output (from the patch covariance when 9 * Cin <= 32) and
+    their gradients equal those computed from the output itself, in float64."""
+    with jax.enable_x64(True):
+        kx, kw = jax.random.split(jax.random.key(11))
+        x = 2.0 + jax.random.normal(kx, (3, 14, 14, cin), jnp.float64)
+        w = jax.random.normal(kw, (3, 3, cin, 8), jnp.float64)
+
+        def direct(x, w):
+            y = xla_conv(x, w, stride)
+            return y, y.mean((0, 1, 2)), y.var((0, 1, 2))
+
+        def ours(x, w):
+            return conv_ops.conv2d_moments(x, w, stride, impl="im2col")
+
+        close(ours(x, w), direct(x, w), rtol=1e-10, atol=1e-10)
+
+        def scalar(f):
+            def g(x, w):
+                y, m, v = f(x, w)
+                return jnp.sum(jnp.sin(y)) + jnp.sum(m**2) + jnp.sum(jnp.sqrt(v))
+
+            return g
+
+        grads = jax.grad(scalar(ours), (0, 1))(x, w)
+        close(grads, jax.grad(scalar(direct), (0, 1))(x, w), rtol=1e-10, atol=1e-10)
+
+
+def test_signed_max_pool_equals_sign_pool_sign():
+    kx, kg = jax.random.split(jax.random.key(12))
+    x = normal(kx, (2, 7, 7, 4))
+    s = jnp.array([1.0, -1.0, 1.0, -1.0])
+    ref = lambda x: s * ref_pool(s * x)  # noqa: E731
+    y, vjp = jax.vjp(lambda x: conv_ops.signed_max_pool2x2(x, s), x)
+    y_ref, vjp_ref = jax.vjp(ref, x)
+    close(y, y_ref)
+    ct = normal(kg, y.shape)
+    close(vjp(ct), vjp_ref(ct))
+
+
 def test_conv_under_vmap_with_per_task_weights():
     kx, kw = jax.random.split(jax.random.key(2))
     x = normal(kx, (3, 2, 7, 7, 8))

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from metalearn.algorithms import finetune, imaml, maml, protonet, reptile
+from metalearn.algorithms import (
+    amortized,
+    blackbox,
+    cavia,
+    finetune,
+    imaml,
+    maml,
+    multitask,
+    protonet,
+    reptile,
+)
 
 ALGORITHMS = {
     "maml": maml.make,
@@ -10,7 +20,11 @@ ALGORITHMS = {
     "metasgd": maml.make,
     "mamlpp": maml.make,
     "imaml": imaml.make,
+    "cavia": cavia.make,
+    "amortized": amortized.make,
     "reptile": reptile.make,
     "finetune": finetune.make,
     "protonet": protonet.make,
+    "blackbox": blackbox.make,
+    "multitask": multitask.make,
 }

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metalearn.config import ConfigError, DataConfig
+from metalearn.config import ConfigError, DataConfig, TfdsConfig
 from metalearn.data.episodic import sample_episode
 from metalearn.data.sinusoid import sample_sinusoid
 from metalearn.types import Task
@@ -31,14 +31,36 @@ class TaskSource(NamedTuple):
     input_shape: tuple[int, ...]
     splits: dict[str, Any]
     sample: Callable[[jax.Array, Any, bool], Task]
+    # Multi-task sources (a fixed set of T tasks, e.g. one per Omniglot alphabet) also have:
+    n_tasks: int = 0  # T; 0 for a task distribution (meta-learning)
+    task_names: tuple[str, ...] = ()  # one per task, for reports
+    classes_per_task: tuple[int, ...] = ()  # classification: task t's labels are < this (<= n_out)
+    # sample_task(key, split_arrays, task_id) -> Task: a batch of task `task_id`'s examples of the
+    # split (support and query disjoint), task_id set. `sample` draws the task id uniformly.
+    sample_task: Callable[[jax.Array, Any, jax.Array], Task] | None = None
 
 
 def make_task_source(cfg: DataConfig) -> TaskSource:
+    if isinstance(cfg, TfdsConfig):  # before the names: data.name is then a TFDS catalogue name
+        from metalearn.data import tfds
+
+        return tfds.make_source(cfg)
     if cfg.name == "sinusoid":
         return _sinusoid_source(cfg)
     if cfg.name == "omniglot":
         return _omniglot_source(cfg)
-    raise ConfigError(f"data={cfg.name!r} has no task source; known: sinusoid, omniglot.")
+    if cfg.name == "omniglot_alphabets":
+        from metalearn.data import omniglot_alphabets
+
+        return omniglot_alphabets.make_source(cfg)
+    if cfg.name == "multi_sinusoid":
+        from metalearn.data import multi_sinusoid
+
+        return multi_sinusoid.make_source(cfg)
+    raise ConfigError(
+        f"data={cfg.name!r} has no task source; known: sinusoid, omniglot, omniglot_alphabets, "
+        "multi_sinusoid."
+    )
 
 
 def _sinusoid_source(cfg) -> TaskSource:

@@ -16,23 +16,36 @@ def sample_episode(
     k_shot: int,
     k_query: int,
     global_labels: bool = False,
+    counts: jax.Array | None = None,
 ) -> Task:
-    """One episode from images [classes, drawings, H, W] (uint8, ink = 255).
+    """One episode from images [classes, drawings, H, W] (grayscale) or [classes, drawings, H,
+    W, C] (uint8; Omniglot's ink is 255).
 
     N classes without replacement, K + Q distinct drawings of each, support and query disjoint.
     Labels are the classes' positions in the random draw, which is a uniformly random order, so
     labels are permuted afresh in every task. With global_labels the labels are the class
     indices within the split instead (pre-training a classifier over all classes).
+
+    counts (int32 [classes]), for classes with unequal numbers of examples: class c holds
+    counts[c] real drawings and zero padding after them, and only the real ones are drawn
+    (every class needs counts[c] >= K + Q, which the caller checks).
     """
     n_classes, n_drawings = images.shape[:2]
     k_classes, k_draws = jax.random.split(key)
     classes = jax.random.choice(k_classes, n_classes, (n_way,), replace=False)
     draw_keys = jax.random.split(k_draws, n_way)
-    draws = jax.vmap(
-        lambda k: jax.random.choice(k, n_drawings, (k_shot + k_query,), replace=False)
-    )(draw_keys)
-    picked = images[classes[:, None], draws]  # [N, K+Q, H, W]
-    x = (picked.astype(jnp.float32) / 255.0)[..., None]  # [N, K+Q, H, W, 1]
+    if counts is None:
+        draws = jax.vmap(
+            lambda k: jax.random.choice(k, n_drawings, (k_shot + k_query,), replace=False)
+        )(draw_keys)
+    else:
+        draws = jax.vmap(lambda k, n: _distinct_below(k, n, n_drawings, k_shot + k_query))(
+            draw_keys, jnp.asarray(counts)[classes]
+        )
+    picked = images[classes[:, None], draws]  # [N, K+Q, H, W(, C)]
+    x = picked.astype(jnp.float32) / 255.0
+    if x.ndim == 4:
+        x = x[..., None]  # grayscale: [N, K+Q, H, W, 1]
     labels = classes if global_labels else jnp.arange(n_way)
     y = jnp.broadcast_to(labels[:, None], (n_way, k_shot + k_query)).astype(jnp.int32)
 
@@ -44,3 +57,13 @@ def sample_episode(
         query=Split(flat(x[:, k_shot:]), flat(y[:, k_shot:])),
         task_id=jnp.zeros((), jnp.int32),
     )
+
+
+def _distinct_below(key: jax.Array, n: jax.Array, size: int, k: int) -> jax.Array:
+    """k distinct indices drawn uniformly from [0, n), in a uniformly random order (n >= k).
+
+    Every index gets a uniform score and the padding [n, size) scores 2, above them all, so the
+    k lowest scores are a uniform random subset of the real indices.
+    """
+    scores = jnp.where(jnp.arange(size) < n, jax.random.uniform(key, (size,)), 2.0)
+    return jax.lax.top_k(-scores, k)[1]

@@ -19,7 +19,9 @@ from metalearn.config import ModelConfig
 class Model(NamedTuple):
     init: Callable[[jax.Array, int], dict]  # (key, n_out) -> params
     apply: Callable[[dict, jax.Array], jax.Array]  # (params, x [B, ...]) -> outputs [B, n_out]
-    embed: Callable[[dict, jax.Array], jax.Array]  # (params, x) -> features [B, D]
+    # (params, x, hook=None) -> features [B, D]; hook(i, h) -> h transforms block i's output
+    # (channels last), which is how task conditioning reaches inside any model.
+    embed: Callable[..., jax.Array]
 
 
 def make_model(cfg: ModelConfig, input_shape: tuple[int, ...]) -> Model:

@@ -58,29 +58,33 @@ def block(
     p: dict[str, jax.Array], x: jax.Array, *, downsample: str, conv_impl: str | None = None
 ) -> jax.Array:
     """conv 3x3 SAME -> batch norm -> ReLU (-> 2x2 max-pool)."""
-    if downsample == "stride":
-        h = conv_ops.conv2d(x, p["w"], 2, impl=conv_impl) + p["b"]
-        return jax.nn.relu(batch_norm(h, p["scale"], p["offset"]))
-    # max-pool(ReLU(BN(z))) computed as ReLU(BN(pooled z)): BN is a per-channel affine map,
-    # monotone in z with the sign of its scale, and ReLU is monotone, so pooling s * z with
-    # s = sign(scale) picks the same element (and in float32 the same value: each rounding
-    # step is monotone too). Only the statistics and the pooling read the full-resolution
-    # activations; everything else, and most of the backward pass, runs at a quarter size.
-    z = conv_ops.conv2d(x, p["w"], 1, impl=conv_impl) + p["b"]
-    mean = z.mean(axis=(0, 1, 2))
-    var = jnp.square(z - mean).mean(axis=(0, 1, 2))
-    s = jax.lax.stop_gradient(jnp.where(p["scale"] >= 0, 1.0, -1.0))
-    zp = s * conv_ops.max_pool2x2(s * z)
-    return jax.nn.relu((zp - mean) * (p["scale"] * jax.lax.rsqrt(var + BN_EPS)) + p["offset"])
+    stride = 2 if downsample == "stride" else 1
+    z, mean, var = conv_ops.conv2d_moments(x, p["w"], stride, impl=conv_impl)
+    if downsample == "maxpool":
+        # max-pool(ReLU(BN(z))) computed as ReLU(BN(pooled z)): BN is a per-channel affine
+        # map, monotone in z with the sign of its scale, and ReLU is monotone, so pooling s * z
+        # with s = sign(scale) picks the same element (and in float32 the same value: each
+        # rounding step is monotone too). Only the statistics and the pooling read the
+        # full-resolution activations; everything else, and most of the backward pass, runs at
+        # a quarter size.
+        s = jax.lax.stop_gradient(jnp.where(p["scale"] >= 0, 1.0, -1.0))
+        z = conv_ops.signed_max_pool2x2(z, s)
+    # The conv bias shifts z and its batch mean alike (it cancels in BN), so it is added here,
+    # after pooling, instead of as one more pass over the full-resolution conv output.
+    norm = (z + p["b"] - (mean + p["b"])) * (p["scale"] * jax.lax.rsqrt(var + BN_EPS))
+    return jax.nn.relu(norm + p["offset"])
 
 
 def embed(
-    params: Params, x: jax.Array, *, downsample: str, conv_impl: str | None = None
+    params: Params, x: jax.Array, hook=None, *, downsample: str, conv_impl: str | None = None
 ) -> jax.Array:
-    """x [B, H, W, C] float32 -> features [B, hidden]."""
+    """x [B, H, W, C] float32 -> features [B, hidden]; hook(i, h) transforms block i's output
+    [B, H', W', hidden] (task conditioning)."""
     _check(downsample)
-    for p in params["blocks"]:
+    for i, p in enumerate(params["blocks"]):
         x = block(p, x, downsample=downsample, conv_impl=conv_impl)
+        if hook is not None:
+            x = hook(i, x)
     return x.mean(axis=(1, 2))  # stride: mean over what is left; maxpool: 1x1 at 28x28
 
 

@@ -33,8 +33,17 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, impl: str | None = None)
 
 
 def _conv_im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    kh, kw, cin, _ = w.shape
+    if stride == 1 and (kh, kw) == (3, 3) and cin >= ROWS3_MIN_CIN:
+        return conv3x3_rows(x, w)
+    patches = _patches(x, kh, kw, stride)  # [B, Ho, Wo, kh*kw*Cin], (dy, dx, cin) order
+    y = patches.reshape(-1, kh * kw * cin) @ w.reshape(kh * kw * cin, -1)
+    return y.reshape(*patches.shape[:3], -1)
+
+
+def _patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+    """im2col from kh*kw strided slices of the padded input (no patches-convolution)."""
     b, h, wd, cin = x.shape
-    kh, kw, _, cout = w.shape
     (pt, pb), (pl, pr) = _same_pads(h, kh, stride), _same_pads(wd, kw, stride)
     ho, wo = -(-h // stride), -(-wd // stride)
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
@@ -48,9 +57,88 @@ def _conv_im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
         for dy in range(kh)
         for dx in range(kw)
     ]
-    patches = jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, kh*kw*Cin], (dy, dx, cin) order
-    y = patches.reshape(b * ho * wo, kh * kw * cin) @ w.reshape(kh * kw * cin, cout)
-    return y.reshape(b, ho, wo, cout)
+    return jnp.concatenate(cols, axis=-1)
+
+
+# Below this many input channels the 9-slice im2col is cheaper than the row formulation (whose
+# matmul output is 3 * Cout wide); conv4's first layer (Cin = 1) stays on im2col.
+ROWS3_MIN_CIN = 16
+
+
+@jax.custom_vjp
+def conv3x3_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+    """3x3 SAME stride-1 conv with a third of im2col's patch traffic.
+
+    Patches hold only the 3 horizontal shifts of the padded input, [B, H+2, W, 3*Cin] (all
+    H+2 rows); one matmul with the kernel laid out [3*Cin (dx, cin), 3*Cout (dy, cout)] gives
+    Z, and the output is the sum of Z's 3 column blocks shifted by dy rows. The backward
+    reuses the layouts: dZ = the 3 row-shifted copies of dY, dW = P^T dZ and dP = dZ W^T,
+    all plain matmuls (no transposed activation copy); it is written with differentiable ops,
+    so second-order MAML differentiates through it.
+    """
+    return _rows_fwd(x, w)[0]
+
+
+def _hshift_patches(x: jax.Array) -> jax.Array:
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    wd = x.shape[2]
+    return jnp.concatenate([xp[:, :, dx : dx + wd, :] for dx in range(3)], axis=-1)
+
+
+def _rows_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    b, h, wd, cin = x.shape
+    cout = w.shape[-1]
+    p3 = _hshift_patches(x)  # [B, H+2, W, 3*Cin]
+    wcat = w.transpose(1, 2, 0, 3).reshape(3 * cin, 3 * cout)
+    z = (p3.reshape(-1, 3 * cin) @ wcat).reshape(b, h + 2, wd, 3, cout)
+    y = z[:, 0:h, :, 0] + z[:, 1 : h + 1, :, 1] + z[:, 2 : h + 2, :, 2]
+    return y, (p3, w)
+
+
+def _rows_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    p3, w = res
+    b, h2, wd, c3 = p3.shape
+    cin, cout = c3 // 3, w.shape[-1]
+    dz = jnp.concatenate(
+        [jnp.pad(g, ((0, 0), (dy, 2 - dy), (0, 0), (0, 0))) for dy in range(3)], axis=-1
+    ).reshape(-1, 3 * cout)  # [B*(H+2)*W, 3*Cout], (dy, cout) order
+    dwcat = p3.reshape(-1, c3).T @ dz  # [3*Cin (dx, cin), 3*Cout (dy, cout)]
+    dw = dwcat.reshape(3, cin, 3, cout).transpose(2, 0, 1, 3)
+    # W^T laid out directly as [3*Cout, 3*Cin]; the barrier keeps XLA from folding it back
+    # into a dot with a transposed right operand.
+    wt = lax.optimization_barrier(w.transpose(0, 3, 1, 2).reshape(3 * cout, 3 * cin))
+    dp3 = (dz @ wt).reshape(b, h2, wd, 3, cin)
+    dxp = sum(jnp.pad(dp3[:, :, :, dx], ((0, 0), (0, 0), (dx, 2 - dx), (0, 0))) for dx in range(3))
+    return dxp[:, 1:-1, 1:-1, :], dw
+
+
+conv3x3_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+def conv2d_moments(
+    x: jax.Array, w: jax.Array, stride: int = 1, impl: str | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """conv2d(x, w) and its per-channel mean and (biased) variance over batch and space.
+
+    With few input channels (conv4's first layer: 9 * Cin <= 32) the statistics come from the
+    patches instead of the output: mean = mean(P) @ W and var = diag(W^T Cov(P) W), exact
+    algebra on a [9, 9] covariance, so neither they nor their gradients read the big
+    full-resolution output (481 MB per pass for the max-pool query sets).
+    """
+    impl = impl or default_impl()
+    kh, kw, cin, cout = w.shape
+    if impl == "im2col" and kh * kw * cin <= 32:
+        patches = _patches(x, kh, kw, stride)
+        p = patches.reshape(-1, kh * kw * cin)
+        w2 = w.reshape(kh * kw * cin, cout)
+        y = (p @ w2).reshape(*patches.shape[:3], cout)
+        mean_p = p.mean(axis=0)
+        centred = p - mean_p
+        cov = centred.T @ centred / p.shape[0]
+        return y, mean_p @ w2, jnp.sum((cov @ w2) * w2, axis=0)
+    y = conv2d(x, w, stride, impl=impl)
+    mean = y.mean(axis=(0, 1, 2))
+    return y, mean, jnp.square(y - mean).mean(axis=(0, 1, 2))
 
 
 @jax.custom_vjp
@@ -86,3 +174,25 @@ def _max_pool_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.A
 
 
 max_pool2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@jax.custom_vjp
+def signed_max_pool2x2(x: jax.Array, s: jax.Array) -> jax.Array:
+    """s * max_pool2x2(s * x) for a per-channel sign s (+-1, no gradient), without writing s * x.
+
+    Same gradient convention as max_pool2x2; the sign's cotangent is zero.
+    """
+    return s * (_windows(x) * s).max(axis=(2, 4))
+
+
+def _signed_pool_fwd(x, s):
+    y = signed_max_pool2x2(x, s)
+    return y, (x, y, s)
+
+
+def _signed_pool_bwd(res, g):
+    x, y, s = res
+    return _max_pool_bwd((x, y), g)[0], jnp.zeros_like(s)
+
+
+signed_max_pool2x2.defvjp(_signed_pool_fwd, _signed_pool_bwd)

@@ -25,10 +25,13 @@ def _dense(key, fan_in: int, fan_out: int):
     return {"w": w, "b": jnp.zeros((fan_out,))}
 
 
-def embed(params, x: jax.Array) -> jax.Array:
+def embed(params, x: jax.Array, hook=None) -> jax.Array:
+    """Features [B, hidden]; hook(i, h) transforms block i's output (task conditioning)."""
     h = x.reshape(x.shape[0], -1)
-    for block in params["blocks"]:
+    for i, block in enumerate(params["blocks"]):
         h = jax.nn.relu(h @ block["w"] + block["b"])
+        if hook is not None:
+            h = hook(i, h)
     return h
 
 

@@ -1,0 +1,83 @@
+"""An amortised black-box learner: a support-set encoder computes a task representation h, which
+conditions the predictor through the conditioning group (film by default; CS330's "learned
+low-dimensional context", as in conditional neural processes and FiLM-based learners).
+
+h = mean over support examples of an MLP of [features(x_i); y_i] (a one-hot label for
+classification), so it does not depend on the order of the support set. Regression predicts
+with the conditioned network directly. Classification labels are permuted in every episode, so
+a fixed head cannot name the classes; as in VERSA and CNAPs, the classifier is amortised too:
+the conditioned network maps x to features, and the logits are minus the squared distances to
+each class's mean support feature. No gradient steps run at adaptation: reading the support set
+is one forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from metalearn.algorithms.base import LossFn
+from metalearn.algorithms.protonet import prototypes, squared_distance_logits
+from metalearn.conditioning import VECTOR_CONDITIONINGS, make_conditioned_model
+from metalearn.config import AmortizedConfig, ConfigError
+from metalearn.models import Model
+from metalearn.types import Algorithm
+
+
+def make(
+    cfg: AmortizedConfig, model: Model, loss_fn: LossFn, n_out: int, *, config, source, **_
+) -> Algorithm:
+    conditioning = config.conditioning
+    if conditioning.name == "none":
+        conditioning = dataclasses.replace(conditioning, name="film")
+    if conditioning.name not in VECTOR_CONDITIONINGS:
+        raise ConfigError(
+            f"algo=amortized feeds its task representation through the conditioning; "
+            f"conditioning={conditioning.name} picks parameters by task id instead. Use one of "
+            f"{[c for c in VECTOR_CONDITIONINGS if c != 'none']} (none means film)."
+        )
+    predictor = make_conditioned_model(
+        conditioning, config.model, source.input_shape, z_dim=cfg.context_dim
+    )
+    classification = source.kind == "classification"
+
+    def encode_labels(y):
+        return jax.nn.one_hot(y, n_out) if classification else y.reshape(len(y), -1)
+
+    def init(key):
+        k_pred, k_trunk, k1, k2 = jax.random.split(key, 4)
+        trunk = model.init(k_trunk, 1)
+        del trunk["head"]
+        feats = model.embed(trunk, jnp.zeros((1, *source.input_shape))).shape[-1]
+        labels = n_out if classification else source.n_out
+        dense = jax.nn.initializers.lecun_normal()
+        encoder = {
+            "trunk": trunk,
+            "w1": dense(k1, (feats + labels, cfg.encoder_hidden)),
+            "b1": jnp.zeros((cfg.encoder_hidden,)),
+            "w2": dense(k2, (cfg.encoder_hidden, cfg.context_dim)),
+            "b2": jnp.zeros((cfg.context_dim,)),
+        }
+        outputs = cfg.encoder_hidden if classification else n_out  # features or predictions
+        return {"predictor": predictor.init(k_pred, outputs), "encoder": encoder}
+
+    def adapt(meta_params, support, key, inner_steps=0):
+        enc = meta_params["encoder"]
+        h = jnp.concatenate([model.embed(enc["trunk"], support.x), encode_labels(support.y)], -1)
+        h = (jax.nn.relu(h @ enc["w1"] + enc["b1"]) @ enc["w2"] + enc["b2"]).mean(0)
+        if not classification:
+            return h
+        feats = predictor.apply_vector(meta_params["predictor"], support.x, h)
+        return h, prototypes(feats, support.y, n_out)
+
+    def predict(meta_params, task_params, x):
+        if not classification:
+            return predictor.apply_vector(meta_params["predictor"], x, task_params)
+        h, protos = task_params
+        return squared_distance_logits(
+            predictor.apply_vector(meta_params["predictor"], x, h), protos
+        )
+
+    return Algorithm(init=init, adapt=adapt, predict=predict)

@@ -1,0 +1,229 @@
+"""Task conditioning: one model f(y | x, z) for many tasks, z a task descriptor (CS330 lecture 2).
+
+A conditioned model wraps any registered model through two seams it already has: the input
+(concat) and a hook on each block's output (additive, film); the per-task options (multihead,
+mmoe, separate) select parameters by the task's index. Nothing model-specific lives here.
+
+- none: one shared network; z is ignored.
+- concat: z concatenated to the input (tiled over the image for convolutional models).
+  Concatenating z to a hidden layer's input is the same map as adding a projection of z to the
+  layer (W [h; z] = W_h h + W_z z), which is what `additive` does, so concat stays at the input.
+- additive: a learned projection of z added to every block's output.
+- film: every block's output scaled and shifted per channel by projections of z (Perez et al.
+  2018): h * (1 + z G) + z B, the identity at z = 0.
+- multihead: a shared trunk and one linear head per task.
+- mmoe: shared expert trunks mixed by one softmax gate per task, read by one head per task (Ma
+  et al. 2018, multi-gate mixture of experts).
+- separate: one independent network per task (no sharing).
+
+The descriptor z is a one-hot task id or a learned embedding per task (conditioning.descriptor);
+algorithms that make their own z (CAVIA's context, an amortised encoder) call apply_vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalearn.config import INDEXED_CONDITIONINGS, ConditioningConfig, ConfigError, ModelConfig
+from metalearn.models import make_model
+
+VECTOR_CONDITIONINGS = ("none", "concat", "additive", "film")
+
+
+class ConditionedModel(NamedTuple):
+    init: Callable[[jax.Array, int], dict]  # (key, n_out) -> params
+    apply: Callable[[dict, jax.Array, jax.Array], jax.Array]  # (params, x, task_id) -> outputs
+    # (params, x, z [z_dim]) -> outputs, for a descriptor the caller computes; None when the
+    # conditioning picks parameters by task index (multihead, mmoe, separate).
+    apply_vector: Callable[[dict, jax.Array, jax.Array], jax.Array] | None
+
+
+def make_conditioned_model(
+    cfg: ConditioningConfig,
+    model_cfg: ModelConfig,
+    input_shape: tuple[int, ...],
+    *,
+    n_tasks: int = 0,
+    z_dim: int | None = None,
+) -> ConditionedModel:
+    """n_tasks: tasks with ids (0: none); z_dim: size of a caller-made descriptor (apply_vector).
+
+    Without z_dim, z is the task descriptor (a one-hot id, or an embedding when
+    cfg.descriptor == "embedding").
+    """
+    if cfg.name in INDEXED_CONDITIONINGS and n_tasks < 1:
+        raise ConfigError(
+            f"conditioning={cfg.name} picks parameters by task id, but this data has no task "
+            f"ids; use it with multi-task data (e.g. data=omniglot_alphabets) or choose one of "
+            f"{list(VECTOR_CONDITIONINGS)}."
+        )
+    if z_dim is None:
+        if n_tasks < 1 and cfg.name != "none":
+            raise ConfigError(
+                f"conditioning={cfg.name} needs a task descriptor, but this data has no task "
+                "ids; use multi-task data (e.g. data=omniglot_alphabets) or conditioning=none."
+            )
+        z_dim = cfg.embedding_dim if cfg.descriptor == "embedding" else max(n_tasks, 1)
+    learned_descriptor = cfg.descriptor == "embedding" and n_tasks >= 1
+
+    def descriptor(params, task_id):
+        if learned_descriptor:
+            return params["task_embedding"][task_id]
+        return jax.nn.one_hot(task_id, z_dim)
+
+    build = _BUILDERS[cfg.name]
+    init_core, apply_core, by_index = build(cfg, model_cfg, input_shape, n_tasks, z_dim)
+
+    def init(key, n_out):
+        k_core, k_emb = jax.random.split(key)
+        params = init_core(k_core, n_out)
+        if learned_descriptor and not by_index:
+            params["task_embedding"] = 0.1 * jax.random.normal(k_emb, (n_tasks, z_dim))
+        return params
+
+    def apply(params, x, task_id):
+        if by_index:
+            return apply_core(params, x, task_id)
+        return apply_core(params, x, descriptor(params, task_id))
+
+    return ConditionedModel(init, apply, None if by_index else apply_core)
+
+
+def _head(params, feats):
+    return feats @ params["w"] + params["b"]
+
+
+def _none(cfg, model_cfg, input_shape, n_tasks, z_dim):
+    model = make_model(model_cfg, input_shape)
+    return (
+        lambda key, n_out: {"model": model.init(key, n_out)},
+        lambda params, x, z: model.apply(params["model"], x),
+        False,
+    )
+
+
+def _concat(cfg, model_cfg, input_shape, n_tasks, z_dim):
+    model = make_model(model_cfg, (*input_shape[:-1], input_shape[-1] + z_dim))
+
+    def apply(params, x, z):
+        tiled = jnp.broadcast_to(z, (*x.shape[:-1], z_dim)).astype(x.dtype)
+        return model.apply(params["model"], jnp.concatenate([x, tiled], -1))
+
+    return lambda key, n_out: {"model": model.init(key, n_out)}, apply, False
+
+
+def _block_widths(model, input_shape) -> list[int]:
+    """Channels of each block's output, read from an abstract forward pass."""
+    widths = []
+
+    def record(i, h):
+        widths.append(h.shape[-1])
+        return h
+
+    params = jax.eval_shape(lambda key: model.init(key, 1), jax.random.PRNGKey(0))
+    jax.eval_shape(lambda p: model.embed(p, jnp.zeros((1, *input_shape)), record), params)
+    return widths
+
+
+def _hooked(cfg, model_cfg, input_shape, n_tasks, z_dim, film: bool):
+    model = make_model(model_cfg, input_shape)
+    widths = _block_widths(model, input_shape)
+
+    def init(key, n_out):
+        k_model, *ks = jax.random.split(key, len(widths) + 1)
+        # Small random projections, so tasks differ from the first step and a context vector
+        # starting at zero (CAVIA) gets a gradient; z = 0 gives the unconditioned network.
+        scale = (0.1 if film else 1.0) / np.sqrt(z_dim)
+        proj = [
+            scale * jax.random.normal(k, (z_dim, (2 if film else 1) * w))
+            for k, w in zip(ks, widths)
+        ]
+        return {"model": model.init(k_model, n_out), "cond": proj}
+
+    def apply(params, x, z):
+        def hook(i, h):
+            shift = z @ params["cond"][i]
+            if film:
+                gamma, beta = jnp.split(shift, 2)
+                return h * (1.0 + gamma) + beta
+            return h + shift
+
+        feats = model.embed(params["model"], x, hook)
+        return _head(params["model"]["head"], feats)
+
+    return init, apply, False
+
+
+def _additive(*args):
+    return _hooked(*args, film=False)
+
+
+def _film(*args):
+    return _hooked(*args, film=True)
+
+
+def _multihead(cfg, model_cfg, input_shape, n_tasks, z_dim):
+    model = make_model(model_cfg, input_shape)
+
+    def init(key, n_out):
+        params = model.init(key, n_out)
+        heads = jax.vmap(lambda k: model.init(k, n_out)["head"])(jax.random.split(key, n_tasks))
+        return {"model": {"blocks": params["blocks"]}, "heads": heads}
+
+    def apply(params, x, task_id):
+        head = jax.tree.map(lambda h: h[task_id], params["heads"])
+        return _head(head, model.embed(params["model"], x))
+
+    return init, apply, True
+
+
+def _separate(cfg, model_cfg, input_shape, n_tasks, z_dim):
+    model = make_model(model_cfg, input_shape)
+
+    def init(key, n_out):
+        keys = jax.random.split(key, n_tasks)
+        return {"tasks": jax.vmap(lambda k: model.init(k, n_out))(keys)}
+
+    def apply(params, x, task_id):
+        return model.apply(jax.tree.map(lambda p: p[task_id], params["tasks"]), x)
+
+    return init, apply, True
+
+
+def _mmoe(cfg, model_cfg, input_shape, n_tasks, z_dim):
+    if cfg.expert_hidden:
+        model_cfg = type(model_cfg)(**{**vars(model_cfg), "hidden": cfg.expert_hidden})
+    model = make_model(model_cfg, input_shape)
+    in_features = int(np.prod(input_shape))
+
+    def init(key, n_out):
+        k_exp, k_gate, k_head = jax.random.split(key, 3)
+        experts = jax.vmap(lambda k: model.init(k, n_out))(jax.random.split(k_exp, cfg.experts))
+        heads = jax.vmap(lambda k: model.init(k, n_out)["head"])(jax.random.split(k_head, n_tasks))
+        gates = jax.nn.initializers.lecun_normal()(k_gate, (n_tasks, in_features, cfg.experts))
+        return {"experts": {"blocks": experts["blocks"]}, "gates": gates, "heads": heads}
+
+    def apply(params, x, task_id):
+        feats = jax.vmap(lambda p: model.embed(p, x))(params["experts"])  # [E, B, D]
+        gate = jax.nn.softmax(x.reshape(x.shape[0], -1) @ params["gates"][task_id], -1)  # [B, E]
+        mixed = jnp.einsum("be,ebd->bd", gate, feats)
+        head = jax.tree.map(lambda h: h[task_id], params["heads"])
+        return _head(head, mixed)
+
+    return init, apply, True
+
+
+_BUILDERS = {
+    "none": _none,
+    "concat": _concat,
+    "additive": _additive,
+    "film": _film,
+    "multihead": _multihead,
+    "separate": _separate,
+    "mmoe": _mmoe,
+}
