@@ -98,7 +98,7 @@ def measure(job: dict) -> dict:
     )
     out["xla_peak_mb"] = out["argument_mb"] + out["output_mb"] - out["alias_mb"] + out["temp_mb"]
     if out["xla_peak_mb"] > job["max_mem_mb"]:
-        out["error"] = f"not run: XLA plans {out['xla_peak_mb'] / 1024:.1f} GB"
+        out["error"] = f"not run: XLA plans {out['xla_peak_mb']:.0f} MB, above --max-mem-gb"
         return out
 
     times, cpu_times = [], []
@@ -221,7 +221,8 @@ def main() -> None:
 def code_state() -> tuple[str, str]:
     """(description, fingerprint) of the metalearn package and conf/ this run measures: other
     people may be editing the library, and the figures only hold for one version of it."""
-    package = Path(importlib.util.find_spec("metalearn").origin).parent
+    # The search location, not .origin: the editable install can resolve to a namespace spec.
+    package = Path(list(importlib.util.find_spec("metalearn").submodule_search_locations)[0])
     files = sorted(package.rglob("*.py")) + sorted((ROOT / "conf").rglob("*.yaml"))
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
@@ -374,6 +375,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     ax_time.set_yscale("log")
     ax_time.yaxis.set_major_formatter(ScalarFormatter())
+    ax_time.yaxis.set_minor_formatter(ScalarFormatter())
     name = "Omniglot 5w1s conv4" if meta["data"] == "omniglot" else "sinusoid MLP"
     fig.suptitle(f"One meta-training step, {name}, meta-batch {meta['meta_batch']} (CPU)")
     fig.tight_layout()

@@ -265,6 +265,7 @@ def main() -> None:
                     }
                 )
 
+    load_start = os.getloadavg()[0]
     rows = []
     for cfg in configs:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
@@ -289,6 +290,12 @@ def main() -> None:
         rows.append(res)
 
     table = _table(rows, args, l2l_missing)
+    table += (
+        f"\nLoad average (1 min) at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores. Above the core count the PyTorch side slows down far more than "
+        "XLA's (its OpenMP threads wait on each other), so the speedups are only meaningful on an "
+        "idle machine.\n"
+    )
     print("\n" + table)
     args.out.write_text(table)
     print(f"written to {args.out}")

@@ -154,10 +154,13 @@ def test_mmoe_and_separate_train_on_images():
         assert out.shape == (2, 5, 3) and bool(jnp.all(jnp.isfinite(out)))
 
 
-def test_transfer_starts_from_the_pretrained_trunk_and_freezes_blocks(tmp_path, env):
-    pre, tuned = tmp_path / "pre", tmp_path / "tuned"
-    metalearn(["train", *TINY, "conditioning=multihead", f"hydra.run.dir={pre}"], env, tmp_path,
-              check=True)  # fmt: skip
+def sweep_run(sweep, conditioning):
+    return next(p.parent for p in sweep.glob("*/summary.json")
+                if json.loads(p.read_text())["conditioning"] == conditioning)  # fmt: skip
+
+
+def test_transfer_starts_from_the_pretrained_trunk_and_freezes_blocks(sweep, tmp_path, env):
+    pre, tuned = sweep_run(sweep, "multihead"), tmp_path / "tuned"
     metalearn(
         ["train", *TINY, "data.task_seed=7", "data.n_tasks=1", f"algo.init_from={pre}",
          "algo.freeze=1", "algo.layer_decay=0.5", f"hydra.run.dir={tuned}"],
@@ -173,10 +176,8 @@ def test_transfer_starts_from_the_pretrained_trunk_and_freezes_blocks(tmp_path, 
     assert max(jax.tree.leaves(moved)) > 0
 
 
-def test_transfer_from_a_run_without_a_shared_trunk_is_refused(tmp_path, env):
-    pre = tmp_path / "pre"
-    metalearn(["train", *TINY, "conditioning=separate", f"hydra.run.dir={pre}"], env, tmp_path,
-              check=True)  # fmt: skip
+def test_transfer_from_a_run_without_a_shared_trunk_is_refused(sweep, tmp_path, env):
+    pre = sweep_run(sweep, "separate")
     result = metalearn(["train", *TINY, f"algo.init_from={pre}", f"hydra.run.dir={tmp_path / 'b'}"],
                        env, tmp_path)  # fmt: skip
     assert result.returncode == 2 and "cannot initialise this model" in result.stderr

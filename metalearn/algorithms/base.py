@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -45,10 +46,13 @@ def sgd_adapt(
     function of the step index returning such a pytree (per-step rates).
     Without first_order the result stays differentiable through the inner gradients (MAML);
     with it the inner gradients are constants to the outer derivative. first_order may be a
-    traced bool (switched by a schedule during training). remat recomputes each inner step in
-    the backward pass instead of storing it, so memory no longer grows with the number of steps
-    (at the price of one more forward pass per step). With trajectory the parameters after
-    every step are returned too, stacked on a leading axis.
+    traced bool (switched by a schedule during training). remat recomputes the inner steps in
+    the backward pass instead of storing their activations (about one more forward pass per
+    step): the steps run as ~sqrt(steps) checkpointed segments of ~sqrt(steps) steps, so the
+    backward pass keeps ~2 sqrt(steps) copies of the parameters instead of every step's
+    activations and parameters. With trajectory the parameters after every step are returned
+    too, stacked on a leading axis (which stores every step, so remat then checkpoints single
+    steps only).
     """
     if callable(lr):
         lr_at = lr
@@ -70,6 +74,30 @@ def sgd_adapt(
 
     if steps == 0:
         return (params, jax.tree.map(lambda p: p[None], params)) if trajectory else params
+    if remat and not trajectory and steps > 3:
+        return _segmented_scan(step, params, steps)
     body = jax.checkpoint(step) if remat else step
     adapted, path = jax.lax.scan(body, params, jnp.arange(steps))
     return (adapted, path) if trajectory else adapted
+
+
+def _segmented_scan(step, params, steps: int):
+    """`steps` applications of step(p, i) as checkpointed segments of checkpointed steps.
+
+    A scan saves its carry at every iteration for the backward pass, so checkpointing single
+    steps still stores one parameter copy per step; nesting ceil(sqrt(steps)) segments stores
+    one per segment, plus one per step of the segment being differentiated. The last segment
+    may overrun `steps`; its extra iterations leave the parameters unchanged.
+    """
+    seg = math.ceil(math.sqrt(steps))
+
+    def one_step(p, i):
+        new, _ = step(p, i)
+        return jax.tree.map(lambda a, b: jnp.where(i < steps, a, b), new, p), None
+
+    def segment(p, k):
+        p, _ = jax.lax.scan(jax.checkpoint(one_step), p, k * seg + jnp.arange(seg))
+        return p, None
+
+    adapted, _ = jax.lax.scan(jax.checkpoint(segment), params, jnp.arange(math.ceil(steps / seg)))
+    return adapted

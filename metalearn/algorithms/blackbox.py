@@ -342,9 +342,9 @@ def make_core(cfg: BlackBoxConfig, support_size: int | None) -> Core:
 
 def support_size_of(config) -> int | None:
     """Support examples per episode from the data config (None when not given)."""
-    if config is None:
+    data = getattr(config, "data", None)
+    if data is None:
         return None
-    data = config.data
     return data.k_shot * (data.n_way if data.kind == "classification" else 1)
 
 

@@ -6,7 +6,8 @@ The inner loop is jax.grad inside the outer jax.value_and_grad. Options (each a 
   Raghu et al. 2020; ["blocks"] for BOIL); the others are only meta-learned;
 - learn_inner_lr: meta-learn one inner learning rate per adapted parameter (Meta-SGD,
   Li et al. 2017), starting from inner_lr;
-- remat: recompute inner steps in the backward pass (memory independent of inner_steps);
+- remat: recompute inner steps in the backward pass (memory ~ sqrt(inner_steps) copies of the
+  parameters instead of every step's activations);
 - MAML++ (Antoniou et al. 2019): per_step_lr (learned rates per inner step and parameter
   array), multi_step_loss (annealed query losses of every inner step) and first_order_until
   (derivative-order annealing). Its per-step batch-norm statistics and cosine outer schedule
