@@ -73,14 +73,19 @@ def summarize(per_task: dict) -> dict:
 
 def summarize_tasks(per_draw: dict, task_names: tuple[str, ...]) -> dict:
     """Multi-task results: each task's mean metrics (draw i belongs to task i mod T), the mean
-    over tasks with a 95% CI across tasks, and the worst task (lowest accuracy, else highest
-    loss)."""
+    over tasks with a 95% CI across tasks (across batches for a single task), and the worst
+    task (lowest accuracy, else highest loss)."""
     n_tasks = len(task_names)
     per_task = {
         name: {k: float(np.mean(np.asarray(v)[t::n_tasks])) for k, v in per_draw.items()}
         for t, name in enumerate(task_names)
     }
-    out = summarize({k: [per_task[name][k] for name in task_names] for k in per_draw})
+    # With one task, the CI is over its evaluation batches instead of across tasks.
+    out = summarize(
+        {k: [per_task[name][k] for name in task_names] for k in per_draw}
+        if n_tasks > 1
+        else per_draw
+    )
     out["num_tasks"] = n_tasks
     out["num_batches"] = int(len(next(iter(per_draw.values()))))
     out["per_task"] = per_task
