@@ -22,6 +22,7 @@ algorithms that make their own z (CAVIA's context, an amortised encoder) call ap
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -92,6 +93,29 @@ def make_conditioned_model(
         return apply_core(params, x, descriptor(params, task_id))
 
     return ConditionedModel(init, apply, None if by_index else apply_core)
+
+
+def make_vector_conditioned_model(
+    cfg: ConditioningConfig,
+    model_cfg: ModelConfig,
+    input_shape: tuple[int, ...],
+    *,
+    z_dim: int,
+    algo: str,
+    default: str,
+) -> ConditionedModel:
+    """The model for an algorithm that computes its own descriptor z (CAVIA's context, an
+    amortised encoder's output): conditioning=none means `default`; options that pick
+    parameters by task id are refused."""
+    if cfg.name == "none":
+        cfg = dataclasses.replace(cfg, name=default)
+    if cfg.name not in VECTOR_CONDITIONINGS:
+        raise ConfigError(
+            f"algo={algo} feeds its own vector through the conditioning; conditioning={cfg.name} "
+            f"picks parameters by task id instead. Use one of "
+            f"{[c for c in VECTOR_CONDITIONINGS if c != 'none']} (none means {default})."
+        )
+    return make_conditioned_model(cfg, model_cfg, input_shape, z_dim=z_dim)
 
 
 def _head(params, feats):

@@ -185,7 +185,8 @@ def _all_positive(ax) -> bool:
     return all(min(line.get_ydata(), default=1.0) > 0 for line in ax.get_lines())
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """Render a figure to PNG in memory and write it atomically."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(Path(path), buffer.getvalue())
@@ -194,14 +195,14 @@ def _save(fig, path: Path) -> None:
 def plot_learning_curves(runs: list[dict], path) -> int:
     """Write the learning curves to `path`; returns the number of validation curves drawn."""
     fig, curves = learning_curves_figure(runs)
-    _save(fig, path)
+    save_png(fig, path)
     return curves
 
 
 def plot_test_metrics(runs: list[dict], path) -> int:
     """Write the test-metric bar chart to `path`; returns the number of bars drawn."""
     fig, bars = metrics_bar_figure(runs)
-    _save(fig, path)
+    save_png(fig, path)
     return bars
 
 

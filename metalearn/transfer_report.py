@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from metalearn.compare import differing_overrides, objective_of, render_markdown, task_names
-from metalearn.rundir import RunDirError
+from metalearn.plots import save_png
+from metalearn.rundir import RunDirError, atomic_write_bytes
 
 
 def gains(runs: list[dict], baseline: str = "separate") -> tuple[list[str], list[str], dict]:
@@ -72,14 +73,14 @@ def render(labels, tasks, table) -> str:
 
 
 def plot(labels, tasks, table, path: Path, objective: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(tasks) * max(1, len(labels) / 3)), 4.5))
+    fig = Figure(figsize=(max(8, 0.45 * len(tasks) * max(1, len(labels) / 3)), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     x = np.arange(len(tasks))
     for i, label in enumerate(labels):
         values = [table[label].get(t, np.nan) for t in tasks]
@@ -94,19 +95,14 @@ def plot(labels, tasks, table, path: Path, objective: str) -> None:
     ax.set_title("Negative transfer: below zero, the task is worse off sharing")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def write_report(runs: list[dict], out_dir: Path, baseline: str = "separate") -> list[Path]:
     labels, tasks, table = gains(runs, baseline)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "negative_transfer.md"
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text(render(labels, tasks, table) + "\n")
-    tmp.replace(md)
+    atomic_write_bytes(md, (render(labels, tasks, table) + "\n").encode())
     png = out_dir / "negative_transfer.png"
     plot(labels, tasks, table, png, objective_of(runs))
     return [md, png]

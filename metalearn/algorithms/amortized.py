@@ -13,15 +13,13 @@ is one forward pass.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
 from metalearn.algorithms.base import LossFn
 from metalearn.algorithms.protonet import prototypes, squared_distance_logits
-from metalearn.conditioning import VECTOR_CONDITIONINGS, make_conditioned_model
-from metalearn.config import AmortizedConfig, ConfigError
+from metalearn.conditioning import make_vector_conditioned_model
+from metalearn.config import AmortizedConfig
 from metalearn.models import Model
 from metalearn.types import Algorithm
 
@@ -29,17 +27,13 @@ from metalearn.types import Algorithm
 def make(
     cfg: AmortizedConfig, model: Model, loss_fn: LossFn, n_out: int, *, config, source, **_
 ) -> Algorithm:
-    conditioning = config.conditioning
-    if conditioning.name == "none":
-        conditioning = dataclasses.replace(conditioning, name="film")
-    if conditioning.name not in VECTOR_CONDITIONINGS:
-        raise ConfigError(
-            f"algo=amortized feeds its task representation through the conditioning; "
-            f"conditioning={conditioning.name} picks parameters by task id instead. Use one of "
-            f"{[c for c in VECTOR_CONDITIONINGS if c != 'none']} (none means film)."
-        )
-    predictor = make_conditioned_model(
-        conditioning, config.model, source.input_shape, z_dim=cfg.context_dim
+    predictor = make_vector_conditioned_model(
+        config.conditioning,
+        config.model,
+        source.input_shape,
+        z_dim=cfg.context_dim,
+        algo="amortized",
+        default="film",
     )
     classification = source.kind == "classification"
 

@@ -8,13 +8,11 @@ network's weights are meta-learned only, by the outer loop through the inner gra
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
 from metalearn.algorithms.base import LossFn, sgd_adapt
-from metalearn.conditioning import VECTOR_CONDITIONINGS, make_conditioned_model
-from metalearn.config import CAVIAConfig, ConfigError
+from metalearn.conditioning import make_vector_conditioned_model
+from metalearn.config import CAVIAConfig
 from metalearn.models import Model
 from metalearn.types import Algorithm
 
@@ -22,17 +20,13 @@ from metalearn.types import Algorithm
 def make(
     cfg: CAVIAConfig, model: Model, loss_fn: LossFn, n_out: int, *, config, source, **_
 ) -> Algorithm:
-    conditioning = config.conditioning
-    if conditioning.name == "none":
-        conditioning = dataclasses.replace(conditioning, name="concat")
-    if conditioning.name not in VECTOR_CONDITIONINGS:
-        raise ConfigError(
-            f"algo=cavia feeds its context vector through the conditioning; "
-            f"conditioning={conditioning.name} picks parameters by task id instead. Use one of "
-            f"{[c for c in VECTOR_CONDITIONINGS if c != 'none']} (none means concat)."
-        )
-    net = make_conditioned_model(
-        conditioning, config.model, source.input_shape, z_dim=cfg.context_dim
+    net = make_vector_conditioned_model(
+        config.conditioning,
+        config.model,
+        source.input_shape,
+        z_dim=cfg.context_dim,
+        algo="cavia",
+        default="concat",
     )
 
     def support_loss(context, meta_params, split):

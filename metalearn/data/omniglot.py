@@ -255,7 +255,7 @@ def _describe(found: dict[str, Path]) -> str:
 def _download(name: str, dest: Path, downloader: Downloader, looked: list[str]) -> None:
     """Download one set to `dest`, checked against the official sha256, atomically."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_file(dest) as tmp:
+    with temp_file_beside(dest) as tmp:
         try:
             downloader(URLS[name], tmp)
         except Exception as e:  # any failure of an injected or network downloader
@@ -418,7 +418,7 @@ def _write_cache(path: Path, data: OmniglotArrays) -> None:
     """Write the arrays to `path` atomically, so readers never see a partial file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _temp_file(path) as tmp:
+        with temp_file_beside(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(
                     f,
@@ -438,7 +438,7 @@ def _write_cache(path: Path, data: OmniglotArrays) -> None:
 
 
 @contextmanager
-def _temp_file(dest: Path) -> Iterator[Path]:
+def temp_file_beside(dest: Path) -> Iterator[Path]:
     """A fresh temp path beside `dest`, removed on exit unless it was renamed onto `dest`."""
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)

@@ -16,7 +16,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import time
 import warnings
 import zipfile
@@ -28,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from metalearn.config import ConfigError, TfdsConfig
-from metalearn.data.omniglot import DataError
+from metalearn.data.omniglot import DataError, temp_file_beside
 
 log = logging.getLogger("metalearn")
 
@@ -482,9 +481,8 @@ def _write_cache(path: Path, data: TfdsArrays) -> None:
     """Write the arrays to `path` atomically, so readers never see a partial file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        with temp_file_beside(path) as tmp:
+            with open(tmp, "wb") as f:
                 np.savez(
                     f,
                     images=data.images,
@@ -496,8 +494,6 @@ def _write_cache(path: Path, data: TfdsArrays) -> None:
                 )
             os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
             os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     except OSError as e:
         # A read-only cache only costs speed: the arrays are still correct.
         warnings.warn(f"Could not cache {path.name} ({e}); it is rebuilt next time.", stacklevel=3)
