@@ -557,8 +557,13 @@ class TrainConfig:
     outer_lr: float = 0.001
     log_every: int = 100
     checkpoint_every: int = 1000  # also at every validation and on SIGINT/SIGTERM
+    # a wall-time budget (training and validation): at the first step past it, validate, save
+    # and test as if train.steps had been reached; for comparisons at equal compute
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_minutes is not None:
+            _positive("train.max_minutes", self.max_minutes)
         _require(
             self.checkpoint_every >= 1,
             f"train.checkpoint_every={self.checkpoint_every} must be >= 1.",

@@ -258,6 +258,8 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
         progress.update(step=step, best=best, elapsed_s=report.elapsed_s)
         run.save_checkpoint("latest", state, progress)
 
+    budget_s = None if cfg.train.max_minutes is None else 60 * cfg.train.max_minutes
+    last_step = progress["step"]
     with _stop_on_signals() as stop, report.active():
         for step in range(progress["step"] + 1, cfg.train.steps + 1):
             t = time.perf_counter()
@@ -265,7 +267,9 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
                 state, train_arrays, jax.random.fold_in(train_key, step), step
             )
             report.advance()
-            if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            out_of_time = budget_s is not None and report.elapsed_s >= budget_s
+            last = step == cfg.train.steps or out_of_time
+            if step == 1 or step % cfg.train.log_every == 0 or last:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if step == 1:
                     progress["compile_time_s"] = time.perf_counter() - t
@@ -278,8 +282,9 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
                     )
                 report.record(step, "train", metrics)
             progress["train_time_s"] += time.perf_counter() - t
+            last_step = step
 
-            if step % cfg.eval.every == 0 or step == cfg.train.steps:
+            if step % cfg.eval.every == 0 or last:
                 val = evaluate(state.params, "val", cfg.eval.val_tasks, cfg.eval.seed + 1)
                 if not all_finite(val):
                     raise TrainingError(
@@ -304,20 +309,23 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
                     f"Stopped by {stop.signal} at step {step}; the checkpoint is saved. Continue "
                     f"with: metalearn train resume={run.path}"
                 )
+            if out_of_time:
+                log.info("train.max_minutes=%s reached at step %d", cfg.train.max_minutes, step)
+                break
 
     if best_params is None:  # resumed after the last validation: the best is on disk
         best_params, _ = run.load_checkpoint("best", state.params)
     test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed)
     report.record(best["step"], "test", test, "(the best checkpoint)")
     report.close()
-    timed_steps = max(cfg.train.steps - 1, 1)
+    timed_steps = max(last_step - 1, 1)
     return {
         "algo": cfg.algo.name,
         "data": cfg.data.name,
         "model": cfg.model.name,
         "conditioning": cfg.conditioning.name,
         "seed": cfg.seed,
-        "steps": cfg.train.steps,
+        "steps": last_step,  # fewer than train.steps when train.max_minutes ran out
         "test": test,
         "best_val": best["metrics"],
         "best_step": best["step"],

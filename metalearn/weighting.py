@@ -5,13 +5,17 @@
     init_params(n_tasks) -> wparams     learned weighting parameters ({} unless uncertainty),
                                         trained by the outer optimizer together with the model
     init_state(n_tasks)  -> state       carried, non-learned state ({} unless dwa)
-    gradient(task_losses, params, wparams, state, present, step)
+    gradient(task_losses, params, wparams, state, present, step, draw_gradients=None)
         -> (grads, wgrads, new_state, metrics)
 
 `task_losses(params) -> (losses [T], aux)` gives each task's mean loss; `present` (bool [T]) marks
 the tasks in this step's batch. Entries of absent tasks are ignored (masked with `where`, so even
 NaN does no harm in the forward pass; keep them finite, e.g. 0, so their zero cotangent cannot
-meet an infinite derivative). With P the present tasks and |P| their number, the objectives are:
+meet an infinite derivative). Only pcgrad needs each task's own gradient; the optional
+`draw_gradients(params) -> (losses [T], grads with a leading [B] axis, task id of each of the B
+draws, aux)` gives them cheaply (per-draw gradients from one vmapped backward pass, averaged per
+task here); without it pcgrad takes one backward pass through the whole batch per present task.
+With P the present tasks and |P| their number, the objectives are:
 
 - uniform:     (1/|P|) sum_{i in P} L_i.
 - static:      sum_{i in P} w_i L_i / sum_{i in P} w_i, with w = cfg.task_weights.
@@ -71,7 +75,8 @@ class Weighting(NamedTuple):
 
     init_params: Callable[[int], Params]  # n_tasks -> learned weighting parameters ({} if none)
     init_state: Callable[[int], State]  # n_tasks -> state carried between steps ({} if none)
-    gradient: Callable[..., tuple]  # (task_losses, params, wparams, state, present, step) -> ...
+    # (task_losses, params, wparams, state, present, step, draw_gradients=None) -> ...
+    gradient: Callable[..., tuple]
 
 
 # A combine function maps (losses [T], wparams, state, present [T]) to
@@ -148,7 +153,7 @@ def _minmax(temperature: float) -> Combine:
 def _combined_gradient(combine: Combine) -> Callable[..., tuple]:
     """The gradient of combine(task_losses(params)) by one backward pass through the model."""
 
-    def gradient(task_losses, params, wparams, state, present, step):
+    def gradient(task_losses, params, wparams, state, present, step, draw_gradients=None):
         present = jnp.asarray(present, bool)
         losses, pullback, aux = jax.vjp(task_losses, params, has_aux=True)
 
@@ -176,48 +181,92 @@ def pcgrad_orders(step: jax.Array | int, n_tasks: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.permutation(k, n_tasks))(keys)
 
 
-def project_conflicting(grads: jax.Array, present: jax.Array, orders: jax.Array) -> jax.Array:
-    """PCGrad's surgery on per-task gradients [T, P]; returns the projected gradients [T, P]."""
-    sq_norms = jnp.sum(grads**2, axis=1)
-
-    def project_one(g_i, i, order):
-        def visit(g, j):
-            dot = g @ grads[j]
-            conflict = (j != i) & present[j] & (dot < 0)  # dot < 0 implies |g_j| > 0
-            coef = jnp.where(conflict, dot / jnp.where(conflict, sq_norms[j], 1.0), 0.0)
-            return g - coef * grads[j], None
-
-        projected, _ = jax.lax.scan(visit, g_i, order)
-        return projected
-
-    projected = jax.vmap(project_one)(grads, jnp.arange(grads.shape[0]), orders)
-    return jnp.where(present[:, None], projected, 0.0)
+def project_conflicting(
+    grads: jax.Array, present: jax.Array, orders: jax.Array, tasks: jax.Array | None = None
+) -> jax.Array:
+    """PCGrad's surgery. grads [S, P] holds the gradients of tasks[s] (default: every task in
+    order, S = T); an entry of tasks equal to T is padding. Returns the projected [S, P], with
+    padding and absent tasks zeroed."""
+    valid, slot_orders = _slots(present, orders, tasks, grads.shape[0])
+    return _surgery_coefficients(grads @ grads.T, valid, slot_orders) @ grads
 
 
-def _pcgrad_gradient(task_losses, params, wparams, state, present, step):
-    present = jnp.asarray(present, bool)
-    flat, unravel = ravel_pytree(params)
-    losses, pullback, aux = jax.vjp(lambda f: task_losses(unravel(f)), flat, has_aux=True)
-    n_tasks = losses.shape[0]
-    (per_task,) = jax.vmap(pullback)(jnp.eye(n_tasks, dtype=losses.dtype))  # [T, P]
-    per_task = jnp.where(present[:, None], per_task, 0.0)
-    projected = project_conflicting(per_task, present, pcgrad_orders(step, n_tasks))
-    grads = unravel(jnp.sum(projected, axis=0) / _count(present))
-
-    pairs = present[:, None] & present[None, :] & ~jnp.eye(n_tasks, dtype=bool)
-    conflicts = pairs & (per_task @ per_task.T < 0)
-    metrics = {
-        "objective": _present_mean(losses, present),  # PCGrad follows no objective; for logs
-        "weights": jnp.where(present, 1.0 / _count(present), 0.0),
-        "losses": jnp.where(present, losses, 0.0),
-        "conflicts": jnp.sum(conflicts) / jnp.maximum(jnp.sum(pairs), 1),  # fraction of pairs
-        "aux": aux,
-    }
-    return grads, {}, state, metrics
+def _slots(present, orders, tasks, n_slots):
+    """Which slots hold a present task, and each slot's visiting order over the slots (its
+    task's order restricted to the slots' tasks; the others last)."""
+    n_tasks = present.shape[0]
+    tasks = jnp.arange(n_tasks) if tasks is None else tasks
+    task = jnp.minimum(tasks, n_tasks - 1)
+    valid = (tasks < n_tasks) & present[task]
+    position = jnp.argsort(orders, axis=1)  # position[i, j]: when task i's order visits task j
+    slot_position = jnp.where(valid[None, :], position[task][:, task], n_tasks)
+    return valid, jnp.argsort(slot_position, axis=1)
 
 
-def make_weighting(cfg: MultitaskConfig, n_tasks: int) -> Weighting:
-    """The weighting cfg.weighting over n_tasks tasks; bad task_weights raise ConfigError here."""
+def _surgery_coefficients(gram: jax.Array, valid: jax.Array, slot_orders: jax.Array) -> jax.Array:
+    """PCGrad in the span of the task gradients: every projected g'_s is sum_k C[s, k] g_k, so
+    the surgery needs only the Gram matrix [S, S], never a pass over the parameters."""
+    n_slots = gram.shape[0]
+
+    def project_one(s, order):
+        def visit(c, k):
+            dot = c @ gram[:, k]  # g'_s . g_k
+            conflict = (k != s) & valid[k] & (dot < 0)  # dot < 0 implies |g_k| > 0
+            coef = jnp.where(conflict, dot / jnp.where(conflict, gram[k, k], 1.0), 0.0)
+            return c.at[k].add(-coef), None
+
+        coefficients, _ = jax.lax.scan(visit, jax.nn.one_hot(s, n_slots, dtype=gram.dtype), order)
+        return coefficients
+
+    coefficients = jax.vmap(project_one)(jnp.arange(n_slots), slot_orders)
+    return jnp.where(valid[:, None], coefficients, 0.0)
+
+
+def _pcgrad(max_present: int | None) -> Callable[..., tuple]:
+    """PCGrad needs each present task's own gradient. With task sampling at most max_present
+    tasks (the meta-batch) are in a step, so only that many are computed: from per-draw
+    gradients when the caller gives draw_gradients, else by one backward pass per task."""
+
+    def gradient(task_losses, params, wparams, state, present, step, draw_gradients=None):
+        present = jnp.asarray(present, bool)
+        flat, unravel = ravel_pytree(params)
+        if draw_gradients is None:
+            losses, pullback, aux = jax.vjp(lambda f: task_losses(unravel(f)), flat, has_aux=True)
+        else:
+            losses, draw_grads, draw_task, aux = draw_gradients(params)
+        n_tasks = losses.shape[0]
+        n_slots = n_tasks if max_present is None else min(max_present, n_tasks)
+        # the present task ids, padded with n_tasks (whose one-hot row is all zeros)
+        (tasks,) = jnp.nonzero(present, size=n_slots, fill_value=n_tasks)
+        if draw_gradients is None:  # one backward pass through the whole batch per slot
+            (per_task,) = jax.vmap(pullback)(jax.nn.one_hot(tasks, n_tasks, dtype=losses.dtype))
+        else:  # each slot's task: the mean gradient of its draws
+            rows = jax.vmap(lambda g: ravel_pytree(g)[0])(draw_grads)  # [B, P]
+            slot = jnp.argmax(draw_task[:, None] == tasks[None, :], axis=1)
+            draws = jax.ops.segment_sum(jnp.ones_like(slot), slot, n_slots)
+            per_task = jax.ops.segment_sum(rows, slot, n_slots) / jnp.maximum(draws, 1)[:, None]
+        valid, slot_orders = _slots(present, pcgrad_orders(step, n_tasks), tasks, n_slots)
+        gram = per_task @ per_task.T
+        total = jnp.sum(_surgery_coefficients(gram, valid, slot_orders), axis=0) @ per_task
+        grads = unravel(total / _count(present))
+
+        pairs = valid[:, None] & valid[None, :] & ~jnp.eye(n_slots, dtype=bool)
+        conflicts = pairs & (gram < 0)
+        metrics = {
+            "objective": _present_mean(losses, present),  # PCGrad follows no objective; for logs
+            "weights": jnp.where(present, 1.0 / _count(present), 0.0),
+            "losses": jnp.where(present, losses, 0.0),
+            "conflicts": jnp.sum(conflicts) / jnp.maximum(jnp.sum(pairs), 1),  # fraction of pairs
+            "aux": aux,
+        }
+        return grads, {}, state, metrics
+
+    return gradient
+
+
+def make_weighting(cfg: MultitaskConfig, n_tasks: int, max_present: int | None = None) -> Weighting:
+    """The weighting cfg.weighting over n_tasks tasks, of which at most max_present (default all)
+    are in one step; bad task_weights raise ConfigError here."""
 
     def empty(n: int) -> dict:
         _check_count(n, n_tasks)
@@ -262,7 +311,7 @@ def make_weighting(cfg: MultitaskConfig, n_tasks: int) -> Weighting:
     elif cfg.weighting == "minmax":
         gradient = _combined_gradient(_minmax(cfg.minmax_temperature))
     elif cfg.weighting == "pcgrad":
-        gradient = _pcgrad_gradient
+        gradient = _pcgrad(max_present)
     else:  # MultitaskConfig rejects other names; this guards direct construction
         raise ConfigError(f"algo.weighting={cfg.weighting!r} is not a known weighting.")
     return Weighting(init_params, init_state, gradient)

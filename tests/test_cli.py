@@ -99,6 +99,20 @@ def test_default_run_dir_is_under_outputs(tmp_path, env):
     assert len(runs) == 1 and (runs[0] / "summary.json").is_file()
 
 
+def test_time_budget_stops_validates_and_tests(tmp_path, env):
+    """train.max_minutes=0.002 (0.12 s) runs out within the first steps of a million-step run:
+    the run validates and saves at that step, tests the best checkpoint and says how far it got."""
+    run = tmp_path / "budget"
+    args = ["train.steps=1000000", "train.max_minutes=0.002", "eval.every=1000000"]
+    metalearn(["train", *args, "eval.num_tasks=5", "eval.val_tasks=5", f"hydra.run.dir={run}"],
+              env, tmp_path)  # fmt: skip
+    summary = assert_run_dir(run, classification=False)
+    assert 1 <= summary["steps"] < 1000 and summary["best_step"] == summary["steps"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "val"] == [summary["steps"]]
+    assert records[-1]["split"] == "test"
+
+
 def test_omniglot_multirun_compare_and_eval(tmp_path, env, omniglot_root):
     sweep = tmp_path / "sweep"
     metalearn(
@@ -161,6 +175,7 @@ BAD_INPUTS = {
     "negative learning rate": (["algo.inner_lr=-0.1"], "algo.inner_lr=-0.1"),
     "zero outer learning rate": (["train.outer_lr=0"], "train.outer_lr=0"),
     "zero steps": (["train.steps=0"], "train.steps=0"),
+    "negative time budget": (["train.max_minutes=-1"], "train.max_minutes=-1"),
     "missing dataset": (
         TINY_OMNIGLOT + ["data.root=/nonexistent/omniglot"],
         "/nonexistent/omniglot",

@@ -252,8 +252,13 @@ def test_pcgrad_ignores_absent_tasks():
 
 def reference_pcgrad(g, orders):
     """Algorithm 1 of Yu et al. 2020 in numpy float64, in the given visiting orders."""
+    return reference_pcgrad_rows(g, range(len(g)), orders)
+
+
+def reference_pcgrad_rows(g, tasks, orders):
+    """The same over the given tasks only: task tasks[k] visits orders[k]."""
     projected = []
-    for i, order in enumerate(orders):
+    for i, order in zip(tasks, orders):
         gi = g[i].copy()
         for j in order:
             if j != i and gi @ g[j] < 0:
@@ -269,6 +274,57 @@ def test_pcgrad_four_tasks_match_the_paper_algorithm(step):
     assert all(sorted(row) == [0, 1, 2, 3] for row in orders)
     update, _ = pcgrad_update(g, [True] * 4, step=step, jit=True)
     np.testing.assert_allclose(update, reference_pcgrad(g, orders), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("present", [[1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 1, 1]])
+def test_pcgrad_over_sampled_tasks_only_matches_all_tasks(present):
+    """With max_present=3 only the present tasks' gradients are computed (padded slots when
+    fewer are present); the update equals the paper's algorithm over the present tasks."""
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (6, 4)), np.float64)
+    weighting = make_weighting(MultitaskConfig(weighting="pcgrad"), 6, max_present=3)
+    params = {"a": jnp.zeros(1), "b": jnp.zeros(3)}
+    grads, _, _, metrics = run(
+        weighting, linear_losses(g), params, {}, {}, np.asarray(present, bool), step=2, jit=True
+    )
+    mask = np.asarray(present, bool)
+    orders = np.asarray(pcgrad_orders(2, 6))
+    kept = [[j for j in row if mask[j]] for row in orders[mask]]
+    expected = reference_pcgrad_rows(g, np.flatnonzero(mask), kept)
+    np.testing.assert_allclose(
+        np.concatenate([grads["a"], grads["b"]]), expected, rtol=1e-4, atol=1e-5
+    )
+    n = mask.sum()
+    dots = g[mask] @ g[mask].T
+    pairs = n * (n - 1)
+    expected_conflicts = ((dots < 0).sum() / pairs) if pairs else 0.0
+    assert float(metrics["conflicts"]) == pytest.approx(expected_conflicts)
+
+
+def test_pcgrad_from_per_draw_gradients_equals_one_backward_pass_per_task():
+    """5 draws of tasks [0, 1, 3, 0, 3] out of 4, squared-error losses: averaging each draw's own
+    gradient per task gives the same update as pulling back one-hot cotangents."""
+    x = jax.random.normal(jax.random.PRNGKey(6), (5, 3))
+    y = jax.random.normal(jax.random.PRNGKey(7), (5,))
+    ids = jnp.array([0, 1, 3, 0, 3])
+    counts = jnp.maximum(jax.ops.segment_sum(jnp.ones(5), ids, 4), 1)
+    params = {"w": jax.random.normal(jax.random.PRNGKey(8), (3,))}
+
+    def draw_loss(p, xb, yb):
+        return (jnp.tanh(xb @ p["w"]) - yb) ** 2
+
+    def task_losses(p):
+        return jax.ops.segment_sum(jax.vmap(draw_loss, (None, 0, 0))(p, x, y), ids, 4) / counts, {}
+
+    def draw_gradients(p):
+        grads = jax.vmap(jax.grad(draw_loss), (None, 0, 0))(p, x, y)
+        return task_losses(p)[0], grads, ids, {}
+
+    weighting = make_weighting(MultitaskConfig(weighting="pcgrad"), 4, max_present=5)
+    present = jnp.array([True, True, False, True])
+    slow = weighting.gradient(task_losses, params, {}, {}, present, 3)
+    fast = weighting.gradient(task_losses, params, {}, {}, present, 3, draw_gradients)
+    np.testing.assert_allclose(fast[0]["w"], slow[0]["w"], **TOL)
+    assert float(fast[3]["conflicts"]) == float(slow[3]["conflicts"])
 
 
 # --------------------------------------------------------------------------------------- minmax

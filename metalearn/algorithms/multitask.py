@@ -42,7 +42,8 @@ def make(
     cond = make_conditioned_model(
         config.conditioning, config.model, source.input_shape, n_tasks=n_tasks
     )
-    weighting = make_weighting(cfg, n_tasks)
+    # a step holds meta_batch draws, so at most that many distinct tasks
+    weighting = make_weighting(cfg, n_tasks, max_present=config.train.meta_batch)
     valid = None
     if source.kind == "classification" and source.classes_per_task:
         valid = jnp.arange(n_out)[None, :] < jnp.asarray(source.classes_per_task)[:, None]
@@ -88,9 +89,17 @@ def make(
             per_task = jax.ops.segment_sum(losses, tasks.task_id, n_tasks) / jnp.maximum(counts, 1)
             return per_task, metrics
 
+        def draw_gradients(model_params):
+            """Per-task mean losses, and each draw's own gradient in one vmapped pass."""
+            draw_grad = jax.value_and_grad(task_loss, has_aux=True)
+            (losses, metrics), grads = jax.vmap(draw_grad, (None, 0))(model_params, tasks)
+            per_task = jax.ops.segment_sum(losses, tasks.task_id, n_tasks) / jnp.maximum(counts, 1)
+            return per_task, grads, tasks.task_id, metrics
+
         grads, wgrads, state, wmetrics = weighting.gradient(
-            task_losses, params["model"], params["weighting"], state, present, step
-        )
+            task_losses, params["model"], params["weighting"], state, present, step,
+            draw_gradients=draw_gradients if cfg.weighting == "pcgrad" else None,
+        )  # fmt: skip
         if cfg.soft_sharing:
             penalty, penalty_grads = jax.value_and_grad(pairwise_distance_penalty)(
                 params["model"]["tasks"]
