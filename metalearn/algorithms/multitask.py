@@ -84,17 +84,18 @@ def make(
         counts = jax.ops.segment_sum(jnp.ones_like(tasks.task_id), tasks.task_id, n_tasks)
         present = counts > 0
 
+        def task_mean(draw_losses):
+            return jax.ops.segment_sum(draw_losses, tasks.task_id, n_tasks) / jnp.maximum(counts, 1)
+
         def task_losses(model_params):
             losses, metrics = jax.vmap(task_loss, (None, 0))(model_params, tasks)
-            per_task = jax.ops.segment_sum(losses, tasks.task_id, n_tasks) / jnp.maximum(counts, 1)
-            return per_task, metrics
+            return task_mean(losses), metrics
 
         def draw_gradients(model_params):
             """Per-task mean losses, and each draw's own gradient in one vmapped pass."""
             draw_grad = jax.value_and_grad(task_loss, has_aux=True)
             (losses, metrics), grads = jax.vmap(draw_grad, (None, 0))(model_params, tasks)
-            per_task = jax.ops.segment_sum(losses, tasks.task_id, n_tasks) / jnp.maximum(counts, 1)
-            return per_task, grads, tasks.task_id, metrics
+            return task_mean(losses), grads, tasks.task_id, metrics
 
         grads, wgrads, state, wmetrics = weighting.gradient(
             task_losses, params["model"], params["weighting"], state, present, step,
