@@ -69,47 +69,54 @@ ROWS3_MIN_CIN = 16
 def conv3x3_rows(x: jax.Array, w: jax.Array) -> jax.Array:
     """3x3 SAME stride-1 conv with a third of im2col's patch traffic.
 
-    Patches hold only the 3 horizontal shifts of the padded input, [B, H+2, W, 3*Cin] (all
-    H+2 rows); one matmul with the kernel laid out [3*Cin (dx, cin), 3*Cout (dy, cout)] gives
-    Z, and the output is the sum of Z's 3 column blocks shifted by dy rows. The backward
-    reuses the layouts: dZ = the 3 row-shifted copies of dY, dW = P^T dZ and dP = dZ W^T,
-    all plain matmuls (no transposed activation copy); it is written with differentiable ops,
-    so second-order MAML differentiates through it.
+    Patches hold only the 3 horizontal shifts of the input, [B, H, W, 3*Cin]; one matmul with
+    the kernel laid out [3*Cin (dx, cin), 3*Cout (dy, cout)] gives Z, and the output row h is
+    Z[h-1, dy=0] + Z[h, dy=1] + Z[h+1, dy=2] (rows outside the image are the zero padding, so
+    they are never multiplied). The backward reuses the layouts: dZ = the 3 row-shifted copies
+    of dY, dW = P^T dZ and dP = dZ W^T, all plain matmuls (no transposed activation copy); it
+    is written with differentiable ops, so second-order MAML differentiates through it.
     """
     return _rows_fwd(x, w)[0]
 
 
 def _hshift_patches(x: jax.Array) -> jax.Array:
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
     wd = x.shape[2]
     return jnp.concatenate([xp[:, :, dx : dx + wd, :] for dx in range(3)], axis=-1)
+
+
+def _shift_rows(a: jax.Array, by: int) -> jax.Array:
+    """a [B, H, ...] moved down by `by` rows (up if negative), zero-filled."""
+    if by > 0:
+        return jnp.pad(a[:, :-by], ((0, 0), (by, 0)) + ((0, 0),) * (a.ndim - 2))
+    return jnp.pad(a[:, -by:], ((0, 0), (0, -by)) + ((0, 0),) * (a.ndim - 2))
 
 
 def _rows_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     b, h, wd, cin = x.shape
     cout = w.shape[-1]
-    p3 = _hshift_patches(x)  # [B, H+2, W, 3*Cin]
+    p3 = _hshift_patches(x)  # [B, H, W, 3*Cin]
     wcat = w.transpose(1, 2, 0, 3).reshape(3 * cin, 3 * cout)
-    z = (p3.reshape(-1, 3 * cin) @ wcat).reshape(b, h + 2, wd, 3, cout)
-    y = z[:, 0:h, :, 0] + z[:, 1 : h + 1, :, 1] + z[:, 2 : h + 2, :, 2]
+    z = (p3.reshape(-1, 3 * cin) @ wcat).reshape(b, h, wd, 3, cout)
+    y = _shift_rows(z[:, :, :, 0], 1) + z[:, :, :, 1] + _shift_rows(z[:, :, :, 2], -1)
     return y, (p3, w)
 
 
 def _rows_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     p3, w = res
-    b, h2, wd, c3 = p3.shape
+    b, h, wd, c3 = p3.shape
     cin, cout = c3 // 3, w.shape[-1]
-    dz = jnp.concatenate(
-        [jnp.pad(g, ((0, 0), (dy, 2 - dy), (0, 0), (0, 0))) for dy in range(3)], axis=-1
-    ).reshape(-1, 3 * cout)  # [B*(H+2)*W, 3*Cout], (dy, cout) order
+    dz = jnp.concatenate([_shift_rows(g, -1), g, _shift_rows(g, 1)], axis=-1).reshape(
+        -1, 3 * cout
+    )  # [B*H*W, 3*Cout], (dy, cout) order
     dwcat = p3.reshape(-1, c3).T @ dz  # [3*Cin (dx, cin), 3*Cout (dy, cout)]
     dw = dwcat.reshape(3, cin, 3, cout).transpose(2, 0, 1, 3)
     # W^T laid out directly as [3*Cout, 3*Cin]; the barrier keeps XLA from folding it back
     # into a dot with a transposed right operand.
     wt = lax.optimization_barrier(w.transpose(0, 3, 1, 2).reshape(3 * cout, 3 * cin))
-    dp3 = (dz @ wt).reshape(b, h2, wd, 3, cin)
+    dp3 = (dz @ wt).reshape(b, h, wd, 3, cin)
     dxp = sum(jnp.pad(dp3[:, :, :, dx], ((0, 0), (0, 0), (dx, 2 - dx), (0, 0))) for dx in range(3))
-    return dxp[:, 1:-1, 1:-1, :], dw
+    return dxp[:, :, 1:-1, :], dw
 
 
 conv3x3_rows.defvjp(_rows_fwd, _rows_bwd)
