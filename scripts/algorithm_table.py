@@ -60,32 +60,44 @@ ALGORITHMS = {
 }
 
 
-def latest_run(out: Path, name: str) -> Path | None:
-    runs = sorted(p.parent for p in out.glob(f"{name}_*/summary.json"))
-    return runs[-1] if runs else None
+def runs_by_budget(out: Path, name: str) -> list[tuple[dict, Path]]:
+    """The latest finished-or-failed run of `name` for each budget, shortest budget first."""
+    latest = {}
+    for path in sorted(out.glob(f"{name}_*/summary.json")):  # timestamped: later wins
+        summary = json.loads(path.read_text())
+        latest[budget_minutes(summary)] = (summary, path.parent)
+    return [latest[b] for b in sorted(latest, key=lambda b: float(b) if b != "-" else 0.0)]
+
+
+def budget_minutes(summary: dict) -> str:
+    """The run's train.max_minutes, from the overrides it was started with."""
+    for override in summary.get("overrides", []):
+        if override.startswith("train.max_minutes="):
+            return override.split("=", 1)[1]
+    return "-"
 
 
 def table(out: Path, ways: list[int]) -> str:
     lines = [
-        "| algorithm | N-way | test accuracy (%) ± 95% CI | paper | steps | best step | "
-        "steps/s | wall min | run dir |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| algorithm | N-way | test accuracy (%) ± 95% CI | paper | budget min | steps | "
+        "best step | steps/s | wall min | run dir |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in ways:
         for name, (_, paper5, paper20) in ALGORITHMS.items():
-            run_dir = latest_run(out / f"{n}w1s", name)
-            if run_dir is None:
-                continue
-            s = json.loads((run_dir / "summary.json").read_text())
-            if "test" not in s:
-                lines.append(f"| {name} | {n} | {s.get('status', 'failed')} | | | | | | |")
-                continue
-            t = s["test"]
-            lines.append(
-                f"| {name} | {n} | {100 * t['accuracy']:.1f} ± {100 * t['accuracy_ci95']:.1f} | "
-                f"{paper5 if n == 5 else paper20} | {s['steps']} | {s['best_step']} | "
-                f"{s['steps_per_s']:.3g} | {s['total_time_s'] / 60:.1f} | `{run_dir}` |"
-            )
+            for s, run_dir in runs_by_budget(out / f"{n}w1s", name):
+                budget = budget_minutes(s)
+                if "test" not in s:
+                    status = s.get("status", "failed")
+                    lines.append(f"| {name} | {n} | {status} | | {budget} | | | | | `{run_dir}` |")
+                    continue
+                t = s["test"]
+                lines.append(
+                    f"| {name} | {n} | {100 * t['accuracy']:.1f} ± {100 * t['accuracy_ci95']:.1f} "
+                    f"| {paper5 if n == 5 else paper20} | {budget} | {s['steps']} | "
+                    f"{s['best_step']} | {s['steps_per_s']:.3g} | {s['total_time_s'] / 60:.1f} | "
+                    f"`{run_dir}` |"
+                )
     return "\n".join(lines)
 
 
@@ -118,8 +130,10 @@ def main() -> None:
     text = "\n".join([
         "# Every algorithm on Omniglot N-way 1-shot at an equal time budget",
         "",
-        f"Command: `python scripts/algorithm_table.py --ways {args.ways} --minutes "
-        f"{args.minutes}`. Shared settings: `{' '.join(COMMON)}`; 5-way: `{' '.join(WAYS[5])}`; "
+        "Command: `python scripts/algorithm_table.py --ways N --algos NAME --minutes BUDGET`; "
+        "each row is the latest run of its algorithm at the budget in the budget column "
+        "(train.max_minutes: training and validation, the test comes after). "
+        f"Shared settings: `{' '.join(COMMON)}`; 5-way: `{' '.join(WAYS[5])}`; "
         f"20-way: `{' '.join(WAYS[20])}`. Test: the best validation checkpoint on 600 meta-test "
         "tasks of the held-out characters. Paper: the number its paper reports after hours of "
         "GPU training (its own architecture where it differs, e.g. SNAIL, VERSA).",
