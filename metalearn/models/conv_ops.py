@@ -111,9 +111,7 @@ def _rows_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array
     )  # [B*H*W, 3*Cout], (dy, cout) order
     dwcat = p3.reshape(-1, c3).T @ dz  # [3*Cin (dx, cin), 3*Cout (dy, cout)]
     dw = dwcat.reshape(3, cin, 3, cout).transpose(2, 0, 1, 3)
-    # W^T laid out directly as [3*Cout, 3*Cin]; the barrier keeps XLA from folding it back
-    # into a dot with a transposed right operand.
-    wt = lax.optimization_barrier(w.transpose(0, 3, 1, 2).reshape(3 * cout, 3 * cin))
+    wt = w.transpose(0, 3, 1, 2).reshape(3 * cout, 3 * cin)  # W^T: [3*Cout (dy), 3*Cin (dx)]
     dp3 = (dz @ wt).reshape(b, h, wd, 3, cin)
     dxp = sum(jnp.pad(dp3[:, :, :, dx], ((0, 0), (0, 0), (dx, 2 - dx), (0, 0))) for dx in range(3))
     return dxp[:, :, 1:-1, :], dw
