@@ -60,12 +60,13 @@ ALGORITHMS = {
 }
 
 
-def runs_by_budget(out: Path, name: str) -> list[tuple[dict, Path]]:
+def runs_by_budget(out: Path, name: str) -> list[tuple[str, dict, Path]]:
     """The latest finished-or-failed run of `name` for each budget, shortest budget first."""
     latest = {}
     for path in sorted(out.glob(f"{name}_*/summary.json")):  # timestamped: later wins
         summary = json.loads(path.read_text())
-        latest[budget_minutes(summary)] = (summary, path.parent)
+        budget = budget_minutes(summary)
+        latest[budget] = (budget, summary, path.parent)
     return [latest[b] for b in sorted(latest, key=lambda b: float(b) if b != "-" else 0.0)]
 
 
@@ -85,8 +86,7 @@ def table(out: Path, ways: list[int]) -> str:
     ]
     for n in ways:
         for name, (_, paper5, paper20) in ALGORITHMS.items():
-            for s, run_dir in runs_by_budget(out / f"{n}w1s", name):
-                budget = budget_minutes(s)
+            for budget, s, run_dir in runs_by_budget(out / f"{n}w1s", name):
                 if "test" not in s:
                     status = s.get("status", "failed")
                     lines.append(f"| {name} | {n} | {status} | | {budget} | | | | | `{run_dir}` |")
@@ -128,7 +128,7 @@ def main() -> None:
                     print(f"{name} {n}-way failed: {error}", flush=True)
 
     text = "\n".join([
-        "# Every algorithm on Omniglot N-way 1-shot at an equal time budget",
+        "# Every algorithm on Omniglot N-way 1-shot at equal time budgets",
         "",
         "Command: `python scripts/algorithm_table.py --ways N --algos NAME --minutes BUDGET`; "
         "each row is the latest run of its algorithm at the budget in the budget column "
