@@ -560,8 +560,17 @@ class TrainConfig:
     # a wall-time budget (training and validation): at the first step past it, validate, save
     # and test as if train.steps had been reached; for comparisons at equal compute
     max_minutes: float | None = None
+    # tasks each device processes at once (vmapped); the meta-batch is walked a chunk at a time.
+    # None: all at once on accelerators, a chunk of ~160 images on a CPU (metalearn/task_chunks.py)
+    task_chunk: int | None = None
 
     def __post_init__(self) -> None:
+        if self.task_chunk is not None:
+            _require(
+                self.task_chunk >= 1 and self.meta_batch % self.task_chunk == 0,
+                f"train.task_chunk={self.task_chunk} must be a divisor of "
+                f"train.meta_batch={self.meta_batch} (or null: chosen for the device).",
+            )
         if self.max_minutes is not None:
             _positive("train.max_minutes", self.max_minutes)
         _require(
@@ -580,14 +589,14 @@ class EvalConfig:
     num_tasks: int = 600  # meta-test tasks, drawn from a fixed key
     val_tasks: int = 100  # meta-val tasks per validation
     inner_steps: int | None = None  # adaptation steps at test time; None: as in training
-    batch: int = 50  # tasks evaluated at once
+    batch: int | None = None  # tasks evaluated at once; None: 50, or ~160 images' worth on a CPU
     seed: int = 12345  # the fixed evaluation key; the same tasks for every run
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, f"eval.every={self.every} must be >= 1.")
         _require(self.num_tasks >= 1, f"eval.num_tasks={self.num_tasks} must be >= 1.")
         _require(self.val_tasks >= 1, f"eval.val_tasks={self.val_tasks} must be >= 1.")
-        _require(self.batch >= 1, f"eval.batch={self.batch} must be >= 1.")
+        _require(self.batch is None or self.batch >= 1, f"eval.batch={self.batch} must be >= 1.")
         _require(
             self.inner_steps is None or self.inner_steps >= 0,
             f"eval.inner_steps={self.inner_steps} must be >= 0.",

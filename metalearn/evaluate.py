@@ -10,6 +10,7 @@ import numpy as np
 
 from metalearn.algorithms.base import LossFn
 from metalearn.data import TaskSource
+from metalearn.task_chunks import auto_task_chunk
 from metalearn.types import Algorithm
 
 
@@ -23,7 +24,7 @@ def episode_metrics(algo: Algorithm, loss_fn: LossFn, params, task, key, inner_s
 
 
 def make_evaluator(
-    algo: Algorithm, source: TaskSource, loss_fn: LossFn, inner_steps: int, batch: int
+    algo: Algorithm, source: TaskSource, loss_fn: LossFn, inner_steps: int, batch: int | None
 ) -> Callable:
     """evaluate(params, split, num_tasks, seed) -> {metric: mean, metric_ci95: ..., num_tasks}.
 
@@ -46,7 +47,13 @@ def make_evaluator(
             task = draw(k_task, arrays, i)
             return episode_metrics(algo, loss_fn, params, task, k_adapt, inner_steps)[1]
 
-        return jax.lax.map(one, indices, batch_size=batch)
+        size = batch
+        if size is None:  # as a training step's chunk (metalearn/task_chunks.py), at most 50
+            task = jax.eval_shape(draw, base_key, arrays, 0)
+            examples = task.support.x.shape[0] + task.query.x.shape[0]
+            chunk = auto_task_chunk(len(indices), examples, image_data=task.support.x.ndim >= 4)
+            size = min(chunk, 50)
+        return jax.lax.map(one, indices, batch_size=size)
 
     def evaluate(params, split: str, num_tasks: int, seed: int) -> dict:
         base_key = jax.random.PRNGKey(seed)

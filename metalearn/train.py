@@ -18,12 +18,13 @@ from jax.sharding import PartitionSpec as P
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import LossFn, task_loss_fn
-from metalearn.config import Config
+from metalearn.config import Config, ConfigError
 from metalearn.data import TaskSource, make_task_source
 from metalearn.evaluate import episode_metrics, make_evaluator
 from metalearn.models import Model, make_model, num_params
 from metalearn.progress import Reporter
 from metalearn.rundir import RunDir
+from metalearn.task_chunks import auto_task_chunk, mean_over_chunks
 from metalearn.types import Algorithm
 
 log = logging.getLogger("metalearn")
@@ -115,13 +116,27 @@ def task_mesh(meta_batch: int) -> Mesh | None:
     return jax.make_mesh((n,), ("tasks",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int, mesh: Mesh | None = None):
+def make_train_step(
+    exp: Experiment,
+    meta_batch: int,
+    inner_steps: int,
+    mesh: Mesh | None = None,
+    task_chunk: int | None = None,
+):
     """One jitted (state, split arrays, key) -> (state, metrics); the state's buffers are donated.
 
     This is the single place where the per-task maths is vmapped over the meta-batch; with a
-    mesh, the task axis is sharded over its devices.
+    mesh, the task axis is sharded over its devices. Each device walks its tasks in chunks of
+    `task_chunk` (None: auto_task_chunk), a chunk at a time.
     """
     algo = exp.algo
+    n_devices = 1 if mesh is None else mesh.size
+    if task_chunk is not None and (meta_batch // n_devices) % task_chunk:
+        raise ConfigError(
+            f"train.task_chunk={task_chunk} must divide the tasks each device gets "
+            f"(train.meta_batch={meta_batch} over {n_devices} device(s): "
+            f"{meta_batch // n_devices})."
+        )
 
     def over_tasks(tree):
         if mesh is None:
@@ -132,18 +147,31 @@ def make_train_step(exp: Experiment, meta_batch: int, inner_steps: int, mesh: Me
         lambda p, task, key, step: episode_metrics(algo, exp.loss_fn, p, task, key, inner_steps)
     )
 
-    def batch_gradient(params, algo_state, tasks, keys, step):
-        if algo.batch_gradient is not None:
-            return algo.batch_gradient(params, algo_state, tasks, keys, step)
+    def chunk_gradient(params, chunk, step):
+        tasks, keys = chunk
         if algo.meta_gradient is not None:
             grads, metrics = jax.vmap(algo.meta_gradient, (None, 0, 0))(params, tasks, keys)
-            return jax.tree.map(lambda g: g.mean(0), grads), algo_state, metrics
+            return jax.tree.map(lambda g: g.mean(0), grads), metrics
 
         def mean_loss(p):
             losses, metrics = jax.vmap(per_task_loss, (None, 0, 0, None))(p, tasks, keys, step)
             return losses.mean(), metrics
 
         (_, metrics), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+        return grads, metrics
+
+    def batch_gradient(params, algo_state, tasks, keys, step):
+        if algo.batch_gradient is not None:
+            return algo.batch_gradient(params, algo_state, tasks, keys, step)
+        per_device = meta_batch // n_devices
+        chunk = task_chunk or auto_task_chunk(
+            per_device,
+            tasks.support.x.shape[1] + tasks.query.x.shape[1],
+            image_data=tasks.support.x.ndim >= 5,  # [tasks, examples, H, W, C]
+        )
+        grads, metrics = mean_over_chunks(
+            lambda p, c: chunk_gradient(p, c, step), params, (tasks, keys), chunk * n_devices
+        )
         return grads, algo_state, metrics
 
     def train_step(state: TrainState, arrays, key, step=0):
@@ -223,7 +251,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     n_params = num_params(params)
     mesh = task_mesh(cfg.train.meta_batch)
     train_step = make_train_step(
-        exp, cfg.train.meta_batch, getattr(cfg.algo, "inner_steps", 0), mesh
+        exp, cfg.train.meta_batch, getattr(cfg.algo, "inner_steps", 0), mesh, cfg.train.task_chunk
     )
     evaluate = make_evaluator(
         exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch

@@ -50,6 +50,7 @@ def run_jax(cfg: dict) -> dict:
     import optax
 
     from metalearn.models import conv4
+    from metalearn.task_chunks import auto_task_chunk, mean_over_chunks
 
     d, first_order, t = cfg["downsample"], cfg["order"] == "first", cfg["meta_batch"]
     conv_impl = cfg.get("conv_impl")  # None: the model's default for this backend
@@ -74,14 +75,22 @@ def run_jax(cfg: dict) -> dict:
     def meta_loss(params, batch):
         return jax.vmap(task_loss, (None, 0, 0, 0, 0))(params, *batch).mean()
 
+    def chunk_gradient(params, batch):
+        loss_value, g = jax.value_and_grad(meta_loss)(params, batch)
+        return g, loss_value
+
+    # metalearn walks the meta-batch in chunks of tasks (metalearn/task_chunks.py); 0: whole
+    ns, nq = N_WAY * K_SHOT, N_WAY * N_QUERY
+    chunk = cfg["task_chunk"]
+    chunk = auto_task_chunk(t, ns + nq, image_data=True) if chunk is None else chunk or t
+
     @partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch):
-        loss_value, g = jax.value_and_grad(meta_loss)(params, batch)
+        g, chunk_losses = mean_over_chunks(chunk_gradient, params, batch, chunk)
         u, opt_state = adam.update(g, opt_state, params)
-        return optax.apply_updates(params, u), opt_state, loss_value
+        return optax.apply_updates(params, u), opt_state, chunk_losses.mean()
 
     rng = np.random.default_rng(0)
-    ns, nq = N_WAY * K_SHOT, N_WAY * N_QUERY
     batch = (
         jnp.asarray(rng.standard_normal((t, ns, IMAGE, IMAGE, 1)), jnp.float32),
         jnp.asarray(np.tile(np.repeat(np.arange(N_WAY), K_SHOT), (t, 1)), jnp.int32),
@@ -106,9 +115,11 @@ def run_jax(cfg: dict) -> dict:
     return {
         "times": times,
         "compile_s": compile_s,
-        "gflop": (cost or {}).get("flops", 0.0) / 1e9,
+        # XLA counts a loop body once: one chunk's FLOPs (plus the optimizer's, negligible)
+        "gflop": (cost or {}).get("flops", 0.0) / 1e9 * (t // chunk),
         "loss": state["loss"],
         "backend": jax.default_backend(),
+        "task_chunk": chunk,
     }
 
 
@@ -185,8 +196,7 @@ def run_torch(cfg: dict) -> dict:
             state["loss"] = total
 
     elif cfg["impl"] == "learn2learn":
-        from learn2learn.algorithms.maml import MAML
-
+        MAML = _learn2learn_maml()
         maml = MAML(model, lr=INNER_LR, first_order=first_order)
 
         def run_step():
@@ -209,6 +219,22 @@ def run_torch(cfg: dict) -> dict:
     return {"times": times, "compile_s": 0.0, "gflop": 0.0, "loss": state["loss"]}
 
 
+def _learn2learn_maml():
+    """learn2learn's MAML class without running its package __init__, which imports gym,
+    torchvision and lightning (none of which the MAML module needs, and torchvision has no build
+    matching the CPU torch here)."""
+    import importlib
+    import importlib.util
+    import types
+
+    root = importlib.util.find_spec("learn2learn").submodule_search_locations[0]
+    for name, sub in (("learn2learn", ""), ("learn2learn.algorithms", "algorithms")):
+        package = types.ModuleType(name)
+        package.__path__ = [os.path.join(root, sub)]
+        sys.modules[name] = package
+    return importlib.import_module("learn2learn.algorithms.maml").MAML
+
+
 # ------------------------------------------------------------------------------------ driver
 def worker(cfg: dict) -> None:
     out = run_jax(cfg) if cfg["impl"].startswith("jax") else run_torch(cfg)
@@ -218,7 +244,8 @@ def worker(cfg: dict) -> None:
 
 def learn2learn_available() -> str | None:
     """None if importable, else the reason it is not."""
-    code = "import learn2learn.algorithms.maml"
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench_maml; "
+    code += "bench_maml._learn2learn_maml()"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1]
 
@@ -234,6 +261,13 @@ def main() -> None:
     ap.add_argument("--order", choices=["second", "first"], action="append")
     ap.add_argument("--downsample", choices=["maxpool", "stride"], action="append")
     ap.add_argument("--conv-impl", help="override metalearn's conv path (xla | im2col)")
+    ap.add_argument(
+        "--task-chunk",
+        type=int,
+        action="append",
+        help="JAX tasks per vmapped chunk, repeatable for an A/B in one run; 0: the whole "
+        "meta-batch at once (default: metalearn's automatic choice)",
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--out", type=Path, default=ROOT / "scripts" / "bench_maml_results.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -251,7 +285,8 @@ def main() -> None:
             impls = ([] if args.only == "torch" else ["jax (metalearn)"]) + (
                 [] if args.only == "jax" else torch_impls
             )
-            for impl in impls:
+            chunks = {"jax (metalearn)": args.task_chunk or [None]}
+            for impl, chunk in [(i, c) for i in impls for c in chunks.get(i, [None])]:
                 configs.append(
                     {
                         "impl": impl,
@@ -262,6 +297,7 @@ def main() -> None:
                         "steps": args.steps,
                         "warmup": args.warmup,
                         "conv_impl": args.conv_impl,
+                        "task_chunk": chunk,
                     }
                 )
 
@@ -277,7 +313,7 @@ def main() -> None:
             res = json.loads(line[-1][7:]) if line else {"error": r.stderr.strip()[-400:]}
         except subprocess.TimeoutExpired:
             res = {"error": f"timed out after {args.timeout:.0f} s"}
-        res.update(cfg)
+        res = {**cfg, **res}  # the worker's task_chunk is the one it resolved
         if "times" in res:
             res["median"] = statistics.median(res["times"])
             print(
@@ -315,29 +351,31 @@ def _table(rows: list[dict], args, l2l_missing: str | None) -> str:
         "each configuration in a fresh process; speedup = fastest PyTorch s/step (same order "
         "and downsample, this run) / this s/step.",
         "",
-        "| implementation | order | downsample | s/step | compile s | peak RSS GB | "
-        "speedup vs fastest PyTorch | GFLOP (XLA) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| implementation | order | downsample | tasks per chunk | s/step | compile s | "
+        "peak RSS GB | speedup vs fastest PyTorch | GFLOP (XLA) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "median" not in r:
             lines.append(
-                f"| {r['impl']} | {r['order']} | {r['downsample']} | failed: {r['error'][:80]} "
+                f"| {r['impl']} | {r['order']} | {r['downsample']} | | failed: {r['error'][:80]} "
                 "| | | | |"
             )
             continue
         b = best.get((r["order"], r["downsample"]))
         ratio = f"{b / r['median']:.2f}x" if b else "-"
         gflop = f"{r['gflop']:.0f}" if r.get("gflop") else "-"
-        comp = f"{r['compile_s']:.1f}" if r["impl"].startswith("jax") else "-"
+        jax_row = r["impl"].startswith("jax")
+        comp = f"{r['compile_s']:.1f}" if jax_row else "-"
+        chunk = r["task_chunk"] if jax_row else "1 (loop)"
         lines.append(
-            f"| {r['impl']} | {r['order']} | {r['downsample']} | {r['median']:.3f} | {comp} | "
-            f"{r['peak_rss_gb']:.2f} | {ratio} | {gflop} |"
+            f"| {r['impl']} | {r['order']} | {r['downsample']} | {chunk} | {r['median']:.3f} | "
+            f"{comp} | {r['peak_rss_gb']:.2f} | {ratio} | {gflop} |"
         )
     so_fo = {}
     for r in rows:
-        if "median" in r and r["impl"].startswith("jax"):
-            so_fo[(r["downsample"], r["order"])] = r["median"]
+        if "median" in r and r["impl"].startswith("jax"):  # the first --task-chunk given
+            so_fo.setdefault((r["downsample"], r["order"]), r["median"])
     for d in ("maxpool", "stride"):
         if (d, "second") in so_fo and (d, "first") in so_fo:
             lines.append("")

@@ -1,4 +1,5 @@
-"""The meta-batch sharded over 4 (host-simulated) devices gives the same training as 1 device."""
+"""The meta-batch sharded over 4 (host-simulated) devices gives the same training as 1 device,
+also when each device walks its tasks in chunks."""
 
 from __future__ import annotations
 
@@ -17,16 +18,17 @@ cfg = Config(data=SinusoidConfig(), model=MLPConfig(), conditioning=None,
 exp = build(cfg)
 key = jax.random.PRNGKey(0)
 out = {"devices": jax.device_count()}
-for name, mesh in (("single", None), ("sharded", task_mesh(8))):
+runs = (("single", None, None), ("sharded", task_mesh(8), None), ("chunked", task_mesh(8), 1))
+for name, mesh, chunk in runs:
     params = exp.algo.init(key)
     state = TrainState(params, exp.optimizer.init(params))
-    step = make_train_step(exp, 8, 1, mesh)
+    step = make_train_step(exp, 8, 1, mesh, task_chunk=chunk)
     losses = []
     for i in range(20):
         state, metrics = step(state, (), jax.random.fold_in(key, i))
         losses.append(float(metrics["loss"]))
     out[name] = losses
-    if mesh is not None:
+    if name == "sharded":
         leaf = jax.tree.leaves(state.params)[0]
         out["param_devices"] = len(leaf.sharding.device_set)
         compiled = step.lower(state, (), key).compile().as_text()
@@ -45,5 +47,6 @@ def test_sharded_steps_match_one_device():
     assert out["devices"] == 4 and out["param_devices"] == 4
     assert out["all_reduce"], "the gradient mean over tasks must be an all-reduce across devices"
     # Same maths, different reduction order across devices: float32 tolerance.
-    for a, b in zip(out["single"], out["sharded"], strict=True):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (out["single"], out["sharded"])
+    for other in ("sharded", "chunked"):  # chunked: 2 chunks of 1 task per device
+        for a, b in zip(out["single"], out[other], strict=True):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (out["single"], out[other])
