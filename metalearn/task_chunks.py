@@ -3,8 +3,8 @@
 Vmapping the whole meta-batch makes every intermediate meta-batch-sized (481 MB for conv4's
 first-layer activations of 32 Omniglot 5-way tasks): each elementwise pass and each matmul then
 streams from main memory. A `lax.scan` over chunks of a few tasks, each chunk vmapped, keeps a
-chunk's working set in the cache and is 1.4-1.7x faster on 2 CPU cores
-(scripts/BENCHMARKS.md, "Chunks of tasks"). The gradient is the same mean over tasks.
+chunk's working set in the cache: the Omniglot MAML step is 1.3-1.6x faster on 2 CPU cores
+(scripts/BENCHMARKS.md, "Current standing"). The gradient is the same mean over tasks.
 """
 
 from __future__ import annotations

@@ -285,21 +285,22 @@ def main() -> None:
             impls = ([] if args.only == "torch" else ["jax (metalearn)"]) + (
                 [] if args.only == "jax" else torch_impls
             )
-            chunks = {"jax (metalearn)": args.task_chunk or [None]}
-            for impl, chunk in [(i, c) for i in impls for c in chunks.get(i, [None])]:
-                configs.append(
-                    {
-                        "impl": impl,
-                        "order": order,
-                        "downsample": d,
-                        "meta_batch": args.meta_batch,
-                        "inner_steps": args.inner_steps,
-                        "steps": args.steps,
-                        "warmup": args.warmup,
-                        "conv_impl": args.conv_impl,
-                        "task_chunk": chunk,
-                    }
-                )
+            jax_chunks = args.task_chunk or [None]  # None: metalearn's automatic choice
+            for impl in impls:
+                for chunk in jax_chunks if impl.startswith("jax") else [None]:
+                    configs.append(
+                        {
+                            "impl": impl,
+                            "order": order,
+                            "downsample": d,
+                            "meta_batch": args.meta_batch,
+                            "inner_steps": args.inner_steps,
+                            "steps": args.steps,
+                            "warmup": args.warmup,
+                            "conv_impl": args.conv_impl,
+                            "task_chunk": chunk,
+                        }
+                    )
 
     load_start = os.getloadavg()[0]
     rows = []
