@@ -10,7 +10,7 @@ import numpy as np
 
 from metalearn.algorithms.base import LossFn
 from metalearn.data import TaskSource
-from metalearn.task_chunks import auto_task_chunk
+from metalearn.task_chunks import auto_chunk_for
 from metalearn.types import Algorithm
 
 
@@ -21,6 +21,11 @@ def episode_metrics(algo: Algorithm, loss_fn: LossFn, params, task, key, inner_s
         return algo.evaluate_task(params, task, key, inner_steps)
     task_params = algo.adapt(params, task.support, key, inner_steps)
     return loss_fn(algo.predict(params, task_params, task.query.x), task.query.y)
+
+
+# eval.batch=null: at most this many tasks at once (the fixed default before it was automatic);
+# evaluation draws hundreds of tasks, far more than a training meta-batch.
+MAX_AUTO_EVAL_BATCH = 50
 
 
 def make_evaluator(
@@ -48,11 +53,9 @@ def make_evaluator(
             return episode_metrics(algo, loss_fn, params, task, k_adapt, inner_steps)[1]
 
         size = batch
-        if size is None:  # as a training step's chunk (metalearn/task_chunks.py), at most 50
+        if size is None:  # as a training step's chunk (metalearn/task_chunks.py), capped
             task = jax.eval_shape(draw, base_key, arrays, 0)
-            examples = task.support.x.shape[0] + task.query.x.shape[0]
-            chunk = auto_task_chunk(len(indices), examples, image_data=task.support.x.ndim >= 4)
-            size = min(chunk, 50)
+            size = min(auto_chunk_for(len(indices), task), MAX_AUTO_EVAL_BATCH)
         return jax.lax.map(one, indices, batch_size=size)
 
     def evaluate(params, split: str, num_tasks: int, seed: int) -> dict:

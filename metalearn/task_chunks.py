@@ -30,6 +30,13 @@ def auto_task_chunk(n_tasks: int, examples_per_task: int, image_data: bool) -> i
     return max(d for d in range(1, min(target, n_tasks) + 1) if n_tasks % d == 0)
 
 
+def auto_chunk_for(n_tasks: int, task) -> int:
+    """auto_task_chunk for tasks shaped like `task`: one task's arrays or shapes, no task axis."""
+    x = task.support.x  # [examples, H, W, C] for images, [examples, features] otherwise
+    examples = x.shape[0] + task.query.x.shape[0]
+    return auto_task_chunk(n_tasks, examples, image_data=x.ndim >= 4)
+
+
 def mean_over_chunks(chunk_gradient: Callable, params, batch, chunk: int):
     """chunk_gradient(params, chunk_batch) -> (gradient averaged over the chunk, metrics).
 

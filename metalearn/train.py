@@ -24,7 +24,7 @@ from metalearn.evaluate import episode_metrics, make_evaluator
 from metalearn.models import Model, make_model, num_params
 from metalearn.progress import Reporter
 from metalearn.rundir import RunDir
-from metalearn.task_chunks import auto_task_chunk, mean_over_chunks
+from metalearn.task_chunks import auto_chunk_for, mean_over_chunks
 from metalearn.types import Algorithm
 
 log = logging.getLogger("metalearn")
@@ -164,11 +164,8 @@ def make_train_step(
         if algo.batch_gradient is not None:
             return algo.batch_gradient(params, algo_state, tasks, keys, step)
         per_device = meta_batch // n_devices
-        chunk = task_chunk or auto_task_chunk(
-            per_device,
-            tasks.support.x.shape[1] + tasks.query.x.shape[1],
-            image_data=tasks.support.x.ndim >= 5,  # [tasks, examples, H, W, C]
-        )
+        one_task = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tasks)
+        chunk = task_chunk or auto_chunk_for(per_device, one_task)
         grads, metrics = mean_over_chunks(
             lambda p, c: chunk_gradient(p, c, step), params, (tasks, keys), chunk * n_devices
         )

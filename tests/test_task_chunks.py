@@ -9,8 +9,9 @@ import pytest
 from test_algorithms import image_experiment
 
 from metalearn.config import ConfigError, TrainConfig
-from metalearn.task_chunks import auto_task_chunk
+from metalearn.task_chunks import auto_chunk_for, auto_task_chunk
 from metalearn.train import TrainState, make_train_step
+from metalearn.types import Split, Task
 
 KEY = jax.random.PRNGKey(3)
 
@@ -41,6 +42,15 @@ def test_auto_chunk_on_cpu_keeps_about_160_images():
     assert auto_task_chunk(16, 120, image_data=True) == 1  # 20-way 1-shot, 5 queries
     assert auto_task_chunk(30, 40, image_data=True) == 3  # the largest divisor of 30 up to 4
     assert auto_task_chunk(32, 20, image_data=False) == 32  # vector data: no chunks
+
+
+def test_auto_chunk_reads_one_tasks_shapes():
+    def task(x_shape):  # 5 support and 75 query examples
+        split = lambda n: Split(jax.ShapeDtypeStruct((n, *x_shape), np.float32), None)  # noqa: E731
+        return Task(split(5), split(75), None)
+
+    assert auto_chunk_for(32, task((28, 28, 1))) == 2  # images: 80 examples, ~160 per chunk
+    assert auto_chunk_for(32, task((1,))) == 32  # vector features: all at once
 
 
 def test_task_chunk_must_divide_the_meta_batch():
