@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metalearn.config import ConfigError, register_schemas
+from metalearn.rundir import RUN_MARKERS
 
 USAGE = """usage: metalearn COMMAND ...
 
@@ -40,9 +42,36 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return errors + (OmegaConfBaseException,)
 
 
+def machine_error(error: BaseException) -> str | None:
+    """The message for a failure of the machine rather than of the input (a full or read-only
+    disk, memory XLA could not get); None for anything else, which is a bug to report."""
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return (
+            f"A file could not be written or read{where}: {error.strerror or error}. Free disk "
+            "space or fix the folder's permissions and run the same command again: every file "
+            "metalearn replaces is written atomically, so the run's last checkpoint is intact "
+            "and `resume=` continues from it."
+        )
+    if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
+        return (
+            "The machine ran out of memory. Lower the sizes that set it (train.meta_batch, "
+            "train.task_chunk, data.k_shot, data.k_query, model.hidden, eval.batch) and run "
+            "again."
+        )
+    return None
+
+
 def fail(message: str) -> None:
-    print(f"metalearn: error: {message}", file=sys.stderr)
+    print(f"metalearn: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its usage errors reported as every metalearn error is."""
+
+    def error(self, message: str) -> None:
+        fail(f"{self.prog}: {message}. `{self.prog} --help` lists the arguments.")
 
 
 def quiet_jax_probe() -> None:
@@ -51,10 +80,20 @@ def quiet_jax_probe() -> None:
 
 
 def main() -> None:
+    try:
+        _main()
+    except BrokenPipeError:  # `metalearn compare ... | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _main() -> None:
     quiet_jax_probe()
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+    if len(sys.argv) < 2:
+        fail("give a command: train, eval or compare (`metalearn --help` says more).")
+    if sys.argv[1] in ("-h", "--help"):
         print(USAGE)
-        sys.exit(0 if len(sys.argv) >= 2 else 2)
+        sys.exit(0)
     command, rest = sys.argv[1], sys.argv[2:]
     if command == "train":
         sys.argv = [f"{sys.argv[0]} train"] + rest
@@ -77,94 +116,269 @@ def _hydra_train_task(dcfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from metalearn.config import to_config
     from metalearn.rundir import RunDir
 
     quiet_jax_probe()  # again: launchers may run this job in a fresh worker process
     hydra_cfg = HydraConfig.get()
-    primary = True
-    if dcfg.get("distributed"):
-        from metalearn.distributed import initialize, is_primary
-
-        initialize()
-        primary = is_primary()
-        if not primary:
-            logging.getLogger().setLevel(logging.WARNING)
-    run = RunDir(hydra_cfg.runtime.output_dir, primary=primary)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
-    owns_dir = False
+    run = RunDir(hydra_cfg.runtime.output_dir)
+    written = False  # from the moment this command has written the run, failures are recorded
     try:
-        resume = dcfg.get("resume")
-        resuming = resume is not None and resume is not False
-        if resuming:
-            run, cfg = _resume_target(run, resume, overrides)
-            owns_dir = True
-        else:
-            cfg = to_config(dcfg)
-            run.ensure_fresh()
-            owns_dir = True
-            run.write_text(".hydra/config.yaml", OmegaConf.to_yaml(dcfg))
-            run.write_text(".hydra/hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
-            run.write_text(".hydra/overrides.yaml", OmegaConf.to_yaml(overrides))
-        handler = logging.FileHandler(run.path / "train.log") if primary else logging.NullHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        primary = _join_hosts(dcfg)
+        run = RunDir(run.path, primary=primary)
+        run, cfg, resume = _plan(dcfg, hydra_cfg, run, overrides)
+        from metalearn.train import prepare, train
+
+        session = prepare(cfg, run, resume)  # every check, before anything is written
+        if resume and _already_complete(run, session):
+            log.info("%s is complete; nothing to do (raise train.steps to go on)", run.path)
+            return _objective(json.loads((run.path / "summary.json").read_text()))
+        run.remove_stale_temps()
+        _write_run_config(run, hydra_cfg, cfg, overrides)
+        written = True
+        handler = _log_handler(run)
         logging.getLogger().addHandler(handler)
         try:
-            from metalearn.train import train
-
-            summary = train(cfg, run, resume=resuming)
+            summary = train(session, run)
             if run.primary:  # the other processes of a multi-host job write nothing
                 summary.update(overrides=_run_overrides(run), status="completed")
             run.write_summary(summary)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        return summary["best_val"][summary["objective"]]  # what a sweeper optimises
-    except user_errors() as error:
-        message = str(error).strip()
-        if owns_dir or (multirun and not any(run.path.iterdir())):
+        return _objective(summary)
+    except Exception as error:
+        message = _message(error)
+        if written or (multirun and run.locked and not run.holds_run()):
+            # A multirun job records its failure in its own (new) run directory.
             from metalearn.train import Interrupted
 
             status = "interrupted" if isinstance(error, Interrupted) else "failed"
-            run.write_summary({"status": status, "error": message, "overrides": overrides})
+            _record_failure(run, status, message, overrides)
         elif not multirun and run.primary:
             _remove_empty_folders(run.path)  # leave no empty folder behind a rejected command
         if multirun:
             log.error("job failed: %s", message)
             return None
         fail(message)
+    finally:
+        run.unlock()
 
 
-def _resume_target(fresh_run, resume, overrides: list[str]):
-    """The run to continue and its config: the saved config plus this command's overrides."""
-    from metalearn.config import from_yaml_with_overrides
+def _message(error: Exception) -> str:
+    """The one paragraph shown for `error`; re-raises what is not a user's or machine's error."""
+    if isinstance(error, user_errors()):
+        return str(error).strip()
+    message = machine_error(error)
+    if message is None:
+        raise error
+    return message
+
+
+def _record_failure(run, status: str, message: str, overrides: list[str]) -> None:
+    try:
+        run.write_summary({"status": status, "error": message, "overrides": overrides})
+    except (OSError, ValueError):
+        pass  # the disk that failed the run may refuse this too; the error is printed anyway
+
+
+def _objective(summary: dict) -> float:
+    return summary["best_val"][summary["objective"]]  # what a sweeper optimises
+
+
+def _join_hosts(dcfg) -> bool:
+    """Join a multi-host job if asked; True for the process that writes the run directory."""
+    if not dcfg.get("distributed"):
+        return True
+    from metalearn.distributed import initialize, is_primary
+
+    initialize()
+    if not is_primary():
+        logging.getLogger().setLevel(logging.WARNING)
+        return False
+    return True
+
+
+def _plan(dcfg, hydra_cfg, run, overrides: list[str]):
+    """(run directory, typed config, resume?) for this command, checking without writing.
+
+    A run directory is taken by locking it, so no two processes share one. A directory that
+    holds a run killed before its first checkpoint is restarted from step 0, by `resume=` or by
+    the command that started it.
+    """
+    from metalearn.config import to_config
     from metalearn.rundir import RunDir, RunDirError
 
-    target = fresh_run.path if str(resume).lower() == "true" else Path(str(resume))
-    if target.resolve() != fresh_run.path.resolve() and fresh_run.primary:
-        _remove_empty_folders(fresh_run.path)  # Hydra's new folder for this command is unused
-    run = RunDir(target, primary=fresh_run.primary)
-    saved = run.path / ".hydra" / "config.yaml"
-    if not saved.exists() or not (run.path / "checkpoints" / "latest.npz").exists():
-        raise RunDirError(
-            f"resume={resume}: {run.path} holds no run to resume (it needs .hydra/config.yaml "
-            "and checkpoints/latest.npz). Give the directory of a run that saved a checkpoint."
-        )
-    values = [o for o in overrides if not o.startswith(("resume=", "hydra."))]
-    groups = [o for o in values if "." not in o.split("=", 1)[0]]
-    if groups:
+    resume = dcfg.get("resume")
+    requeue = str(resume).lower() == "true"  # resume=true: this command's own directory
+    if resume is not None and resume is not False:
+        target = run.path if requeue else Path(str(resume))
+        if target.resolve() != run.path.resolve() and run.primary:
+            _remove_empty_folders(run.path)  # Hydra's new folder for this command is unused
+        run = RunDir(target, primary=run.primary)
+        run.check_folder()
+        if (run.path / ".hydra" / "config.yaml").is_file():
+            run.lock()
+            return run, _resumed_config(run, hydra_cfg, overrides), run.started()
+        if not requeue or run.holds_run():
+            raise RunDirError(
+                f"resume={resume}: {run.path} holds no run to resume (no .hydra/config.yaml). "
+                "Give the directory of a run that `metalearn train` started."
+            )
+        # A job that always passes resume=true (as requeued cluster jobs do) and has not
+        # started yet, or was killed before writing anything: start it.
+
+    chosen = any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides)
+    chosen = chosen or any(
+        o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in hydra_cfg.overrides.hydra
+    )
+    for attempt in range(1, 100):
+        run.check_folder()
+        try:
+            run.lock()
+        except RunDirError:
+            if chosen:
+                raise
+        else:
+            if not run.holds_run():
+                return run, to_config(dcfg, overrides), False
+            if not run.started() and _same_experiment(run, dcfg):
+                # Killed before its first checkpoint: start it again.
+                return run, to_config(dcfg, overrides), False
+            run.unlock()
+            if chosen:
+                raise RunDirError(
+                    f"The run directory {run.path} already holds a run (found "
+                    f"{', '.join(m for m in RUN_MARKERS if (run.path / m).exists())}). "
+                    "metalearn never writes over an earlier run: add resume=true to continue "
+                    "it, choose another directory with hydra.run.dir=PATH, or leave "
+                    "hydra.run.dir out to get a new timestamped one."
+                )
+        # The default, timestamped directory is taken by a run started in the same second.
+        base = Path(hydra_cfg.runtime.output_dir)
+        run = RunDir(base.with_name(f"{base.name}_{attempt}"), primary=run.primary)
+    raise RunDirError(f"No free run directory next to {hydra_cfg.runtime.output_dir}.")
+
+
+# A resumed run keeps these; train.*, eval.* and the top-level display settings may change.
+EXPERIMENT_KEYS = ("data", "model", "conditioning", "algo", "seed")
+
+
+def _resumed_config(run, hydra_cfg, overrides: list[str]):
+    """The run's saved config plus this command's overrides, which may repeat the run's own
+    settings (a requeued job runs the very same command again) but not change its experiment."""
+    from metalearn.config import parse_overrides
+    from metalearn.rundir import read_run_yaml
+    from metalearn.train import load_run_config
+
+    saved = read_run_yaml(run.path / ".hydra" / "config.yaml")
+    saved_choices = _saved_choices(run, saved)
+    groups = set(hydra_cfg.runtime.choices)
+    values, changes = [], []
+    for text in overrides:
+        key = text.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key == "resume" or "=" not in text:
+            continue
+        if key in groups:  # a config group: must be the run's own choice
+            choice = text.split("=", 1)[1]
+            if choice not in ("null", saved_choices.get(key)):
+                changes.append(f"{key}={choice} (the run's is {saved_choices.get(key)})")
+            continue
+        ((_, value),) = parse_overrides([text])
+        have = _select(saved, key)
+        if key.split(".")[0] in EXPERIMENT_KEYS and have != value:
+            changes.append(f"{key}={value} (the run's is {have})")
+        elif have != value:
+            values.append(text)
+    if changes:
         raise ConfigError(
-            f"resume takes value overrides only (such as train.steps=N), not {groups}: the run "
-            "keeps the data, model and algorithm it was started with."
+            f"resume continues the run in {run.path} with its own data, model, conditioning, "
+            f"algorithm and seed, and this command changes them: {'; '.join(changes)}. Drop "
+            "these overrides (train.* and eval.* may change), or start a new run without resume."
         )
-    cfg = from_yaml_with_overrides(OmegaConf.load(saved), values)
-    merged = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(values))
-    run.write_text(".hydra/config.yaml", OmegaConf.to_yaml(merged))
-    if values:
-        previous = OmegaConf.load(run.path / ".hydra" / "overrides.yaml")
-        run.write_text(".hydra/overrides.yaml", OmegaConf.to_yaml(list(previous) + values))
-    return run, cfg
+    return load_run_config(run, values)
+
+
+def _saved_choices(run, saved: dict) -> dict:
+    """The group options the run was composed from (Hydra's record; else the configs' names)."""
+    from metalearn.rundir import RunDirError, read_run_yaml
+
+    try:
+        hydra = read_run_yaml(run.path / ".hydra" / "hydra.yaml")
+        choices = dict(hydra["hydra"]["runtime"]["choices"])
+    except (RunDirError, KeyError, TypeError, ValueError):
+        choices = {}
+    for group in EXPERIMENT_KEYS[:-1]:
+        node = saved.get(group) if isinstance(saved, dict) else None
+        if group not in choices and isinstance(node, dict):
+            choices[group] = node.get("name")
+    return {k: (None if v is None else str(v)) for k, v in choices.items()}
+
+
+def _select(tree, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _same_experiment(run, dcfg) -> bool:
+    """Whether the run in `run` was started with the experiment `dcfg` describes."""
+    from metalearn.rundir import RunDirError, read_run_yaml
+
+    try:
+        saved = read_run_yaml(run.path / ".hydra" / "config.yaml")
+    except RunDirError:
+        return False
+    mine = OmegaConf.to_container(dcfg, resolve=True)
+    return isinstance(saved, dict) and all(saved.get(k) == mine.get(k) for k in EXPERIMENT_KEYS)
+
+
+def _already_complete(run, session) -> bool:
+    """A completed run that this command would not extend (a requeued job finished before)."""
+    try:
+        summary = json.loads((run.path / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    cfg, progress = session.exp.cfg, session.progress
+    budget = cfg.train.max_minutes
+    done = progress["step"] >= cfg.train.steps or (
+        budget is not None and progress["elapsed_s"] >= 60 * budget
+    )
+    return isinstance(summary, dict) and summary.get("status") == "completed" and done
+
+
+def _write_run_config(run, hydra_cfg, cfg, overrides: list[str]) -> None:
+    """.hydra/: the config the run trains with, Hydra's record and the command-line overrides
+    (for a run that goes on, the ones it was started with plus this command's new ones)."""
+    from dataclasses import asdict
+
+    from metalearn.rundir import read_run_yaml
+
+    config = asdict(cfg)
+    config["resume"] = None  # how this command found the run is no setting of the run
+    saved = run.path / ".hydra" / "overrides.yaml"
+    if (run.path / ".hydra" / "config.yaml").is_file() and saved.is_file():
+        previous = read_run_yaml(saved)
+        previous = previous if isinstance(previous, list) else []
+        skip = ("resume=", "hydra.")
+        overrides = previous + [
+            o for o in overrides if not o.startswith(skip) and o not in previous
+        ]
+    else:
+        run.write_text(".hydra/hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    run.write_text(".hydra/config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    run.write_text(".hydra/overrides.yaml", OmegaConf.to_yaml(overrides))
+
+
+def _log_handler(run) -> logging.Handler:
+    if not run.primary:
+        return logging.NullHandler()
+    handler = logging.StreamHandler(run.open_append("train.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    return handler
 
 
 def _remove_empty_folders(path: Path) -> None:
@@ -177,23 +391,59 @@ def _remove_empty_folders(path: Path) -> None:
 
 
 def _run_overrides(run) -> list[str]:
-    return list(OmegaConf.load(run.path / ".hydra" / "overrides.yaml"))
+    from metalearn.rundir import read_run_yaml
+
+    return list(read_run_yaml(run.path / ".hydra" / "overrides.yaml") or [])
 
 
 def hydra_train() -> None:
     import hydra
+    from hydra.errors import HydraException
 
     config_dir = str(Path(__file__).resolve().parent.parent / "conf")
-    hydra.main(version_base="1.3", config_path=config_dir, config_name="config")(
-        _hydra_train_task
-    )()
+    # Hydra prints its own errors (composition, unknown options) and exits 1; let them reach
+    # us instead, to be reported as every metalearn error is.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(version_base="1.3", config_path=config_dir, config_name="config")(
+            _hydra_train_task
+        )()
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(_hydra_message(error))
+    except FileExistsError as error:  # Hydra makes the run directory before metalearn runs
+        fail(
+            f"The run directory {error.filename} exists and is not a folder: give a folder "
+            "with hydra.run.dir=PATH (or leave it out for a new timestamped one)."
+        )
+    except OSError as error:
+        fail(machine_error(error))
+
+
+def _hydra_message(error: Exception) -> str:
+    message = str(error).strip().split("Config search path")[0].strip()
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause).strip() not in message:
+        message += f" ({str(cause).strip().splitlines()[0]})"
+    if message.startswith("Could not override"):
+        # Hydra suggests `+key=value`, which metalearn refuses too: its settings are closed.
+        key = message.split("'")[1] if "'" in message else "this key"
+        message = (
+            f"{key} is not a setting of the chosen options, so it cannot be set. "
+            "`metalearn train --cfg job` (with the same group choices) prints every setting."
+        )
+        if any(a.startswith("resume=") for a in sys.argv):
+            message += (
+                " With resume=, the command's own group choices are composed first: repeat the "
+                "run's (e.g. data=omniglot) to set one of their settings."
+            )
+    return message
 
 
 # -------------------------------------------------------------------------------------- eval
 
 
 def eval_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="metalearn eval",
         description="Re-evaluate a run's best checkpoint on meta-test tasks, with overrides "
         "such as eval.num_tasks=2000, data.k_shot=5 or eval.inner_steps=10.",
@@ -205,17 +455,21 @@ def eval_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         result = evaluate_run(args.run_dir, args.overrides, args.split, args.checkpoint)
-    except user_errors() as error:
-        fail(str(error).strip())
+    except Exception as error:
+        fail(_message(error))
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
 def evaluate_run(run_dir: str, overrides: list[str], split: str, checkpoint: str) -> dict:
+    """Evaluate a checkpoint and write the result to RUN_DIR/evals/; nothing else is written."""
     from metalearn.evaluate import make_evaluator
-    from metalearn.rundir import atomic_write_json
+    from metalearn.rundir import RunDir
     from metalearn.train import restore
 
+    run = RunDir(run_dir)
+    run.check_folder()
     exp, params, meta = restore(run_dir, overrides, checkpoint)
+    run.check_writable("evals")  # before the work, so a result is never computed and lost
     cfg = exp.cfg
     evaluate = make_evaluator(
         exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
@@ -233,5 +487,9 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str, checkpoint: str
         "eval_time_s": round(time.perf_counter() - started, 3),
     }
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    atomic_write_json(Path(run_dir) / "evals" / f"{stamp}_{split}.json", result)
+    name, n = f"{stamp}_{split}", 1
+    while (run.path / "evals" / f"{name}.json").exists():  # two evals in the same second
+        n += 1
+        name = f"{stamp}_{split}_{n}"
+    run.write_json(f"evals/{name}.json", result)
     return result

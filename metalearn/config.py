@@ -7,12 +7,22 @@ when `OmegaConf.to_object` builds the dataclasses. JAX code only ever sees these
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import logging
 import math
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import BooleanNode
+
+log = logging.getLogger("metalearn")
 
 
 class ConfigError(ValueError):
@@ -31,6 +41,34 @@ def _positive(name: str, value: float) -> None:
     )
 
 
+# Upper bounds on sizes that allocate arrays or unroll loops: far beyond any published setting,
+# low enough that what they ask for is refused here, not by the allocator or an int32 overflow.
+# (Sizes that only interact, such as meta_batch x k_query x hidden, are checked on the compiled
+# step's memory instead: metalearn/memory.py.)
+MAX_EXAMPLES = 100_000  # support or query examples per class or task
+MAX_WIDTH = 65_536  # hidden units or filters
+MAX_DEPTH = 1_000  # layers
+MAX_TASKS = 1_000_000  # tasks per meta-batch, per evaluation, in a multi-task set
+MAX_INNER_STEPS = 100_000  # adaptation steps of an inner loop
+INT32_MAX = 2**31 - 1  # JAX's default integers are 32-bit
+
+
+def _at_most(name: str, value: int, limit: int) -> None:
+    _require(
+        value <= limit,
+        f"{name}={value} is not allowed: it must be at most {limit:,} (metalearn's bound for this "
+        "size, far beyond any published setting; it keeps a typo from exhausting memory).",
+    )
+
+
+def _seed(name: str, value: int) -> None:
+    _require(
+        0 <= value <= INT32_MAX,
+        f"{name}={value} is not allowed: a seed must be an integer from 0 to {INT32_MAX} "
+        "(JAX keys are built from 32-bit integers, so larger seeds would repeat smaller ones).",
+    )
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {list(allowed)}.")
 
@@ -44,13 +82,26 @@ class DataConfig:
     multitask: ClassVar[bool] = False  # a fixed set of T tasks with ids (multi-task learning)
 
     name: str = MISSING
-    n_way: int = 5  # classes per task (classification only)
-    k_shot: int = 1  # support examples per class (per task for regression)
-    k_query: int = 15  # query examples per class (per task for regression)
+    k_shot: int = 1  # support examples per class (per task for regression and multi-task data)
+    k_query: int = 15  # query examples per class (per task for regression and multi-task data)
 
     def __post_init__(self) -> None:
         _require(self.k_shot >= 1, f"data.k_shot={self.k_shot} is not allowed: it must be >= 1.")
         _require(self.k_query >= 1, f"data.k_query={self.k_query} is not allowed: it must be >= 1.")
+        # Support and query are drawn as arrays on the device: bound them before any allocation.
+        for key in ("k_shot", "k_query"):
+            _at_most(f"data.{key}", getattr(self, key), MAX_EXAMPLES)
+
+
+@dataclass
+class EpisodicDataConfig(DataConfig):
+    """N-way K-shot classification episodes: only these data have a number of classes per task."""
+
+    n_way: int = 5  # classes per task
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.n_way >= 2, f"data.n_way={self.n_way} is not allowed: it must be >= 2.")
 
 
 @dataclass
@@ -75,7 +126,7 @@ class SinusoidConfig(DataConfig):
 
 
 @dataclass
-class OmniglotConfig(DataConfig):
+class OmniglotConfig(EpisodicDataConfig):
     name: str = "omniglot"
     root: str | None = None  # folder with images_background.zip and images_evaluation.zip
     split: str = "random"  # random (1100/100/423 characters) | alphabet (background vs evaluation)
@@ -88,7 +139,7 @@ class OmniglotConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.n_way >= 2, f"data.n_way={self.n_way} is not allowed: it must be >= 2.")
+        _seed("data.split_seed", self.split_seed)
         _choice("data.split", self.split, ("random", "alphabet"))
         _require(
             self.k_shot + self.k_query <= 20,
@@ -107,7 +158,7 @@ TFDS_CLASS_SPLITS = {"seeded": None, "cifar_fs": "cifar100", "fc100": "cifar100"
 
 
 @dataclass
-class TfdsConfig(DataConfig):
+class TfdsConfig(EpisodicDataConfig):
     """Any tensorflow-datasets image-classification dataset as N-way K-shot tasks (data/tfds.py).
 
     name is the TFDS catalogue name (cifar100, or name/config:version), prepared as array_record.
@@ -132,7 +183,7 @@ class TfdsConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.n_way >= 2, f"data.n_way={self.n_way} is not allowed: it must be >= 2.")
+        _seed("data.split_seed", self.split_seed)
         _require(
             self.source == "tfds",
             f"data.source={self.source!r} is not allowed: a TFDS dataset has source 'tfds'.",
@@ -202,6 +253,7 @@ class OmniglotAlphabetsConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _seed("data.split_seed", self.split_seed)
         drawings = tuple(self.drawings)
         _require(
             len(drawings) == 3 and min(drawings) >= 1 and sum(drawings) == 20,
@@ -243,6 +295,9 @@ class MultiSinusoidConfig(DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.n_tasks >= 1, f"data.n_tasks={self.n_tasks} is not allowed: it must be >= 1.")
+        _at_most("data.n_tasks", self.n_tasks, MAX_TASKS)
+        _at_most("data.train_points", self.train_points, MAX_EXAMPLES)
+        _seed("data.task_seed", self.task_seed)
         for key in ("relatedness", "conflict"):
             value = getattr(self, key)
             _require(0 <= value <= 1, f"data.{key}={value} is not allowed: it must be in [0, 1].")
@@ -276,6 +331,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(self.hidden >= 1, f"model.hidden={self.hidden} must be >= 1.")
+        _at_most("model.hidden", self.hidden, MAX_WIDTH)
 
 
 @dataclass
@@ -283,6 +339,11 @@ class MLPConfig(ModelConfig):
     name: str = "mlp"
     hidden: int = 40
     layers: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.layers >= 1, f"model.layers={self.layers} must be >= 1.")
+        _at_most("model.layers", self.layers, MAX_DEPTH)
 
 
 @dataclass
@@ -307,8 +368,6 @@ class ConditioningConfig:
     name: str = "none"
     descriptor: str = "onehot"  # onehot task id | embedding (a learned vector per task)
     embedding_dim: int = 8  # size of the learned embedding
-    experts: int = 4  # mmoe: shared experts
-    expert_hidden: int = 0  # mmoe: width of each expert's trunk; 0 means the model's width
 
     def __post_init__(self) -> None:
         _choice("conditioning.name", self.name, CONDITIONINGS)
@@ -317,11 +376,26 @@ class ConditioningConfig:
             self.embedding_dim >= 1,
             f"conditioning.embedding_dim={self.embedding_dim} must be >= 1.",
         )
+        _at_most("conditioning.embedding_dim", self.embedding_dim, MAX_WIDTH)
+
+
+@dataclass
+class MMoEConfig(ConditioningConfig):
+    """Multi-gate mixture of experts: shared expert trunks, one softmax gate and head per task."""
+
+    name: str = "mmoe"
+    experts: int = 4  # shared experts
+    expert_hidden: int = 0  # width of each expert's trunk; 0 means the model's width
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _require(self.experts >= 1, f"conditioning.experts={self.experts} must be >= 1.")
+        _at_most("conditioning.experts", self.experts, MAX_WIDTH)
         _require(
             self.expert_hidden >= 0,
             f"conditioning.expert_hidden={self.expert_hidden} must be >= 0.",
         )
+        _at_most("conditioning.expert_hidden", self.expert_hidden, MAX_WIDTH)
 
 
 # ---------------------------------------------------------------------------------------- algos
@@ -355,6 +429,7 @@ class MAMLConfig(AlgoConfig):
     def __post_init__(self) -> None:
         _positive("algo.inner_lr", self.inner_lr)
         _require(self.inner_steps >= 1, f"algo.inner_steps={self.inner_steps} must be >= 1.")
+        _at_most("algo.inner_steps", self.inner_steps, MAX_INNER_STEPS)
         _require(
             not self.per_step_lr or self.learn_inner_lr,
             "algo.per_step_lr=true needs algo.learn_inner_lr=true (the rates it learns per step).",
@@ -401,7 +476,9 @@ class CAVIAConfig(AlgoConfig):
     def __post_init__(self) -> None:
         _positive("algo.inner_lr", self.inner_lr)
         _require(self.inner_steps >= 1, f"algo.inner_steps={self.inner_steps} must be >= 1.")
+        _at_most("algo.inner_steps", self.inner_steps, MAX_INNER_STEPS)
         _require(self.context_dim >= 1, f"algo.context_dim={self.context_dim} must be >= 1.")
+        _at_most("algo.context_dim", self.context_dim, MAX_WIDTH)
 
 
 @dataclass
@@ -415,6 +492,8 @@ class AmortizedConfig(AlgoConfig):
         _require(
             self.encoder_hidden >= 1, f"algo.encoder_hidden={self.encoder_hidden} must be >= 1."
         )
+        _at_most("algo.context_dim", self.context_dim, MAX_WIDTH)
+        _at_most("algo.encoder_hidden", self.encoder_hidden, MAX_WIDTH)
 
 
 @dataclass
@@ -430,6 +509,8 @@ class IMAMLConfig(AlgoConfig):
         _positive("algo.prox_lambda", self.prox_lambda)
         _require(self.inner_steps >= 1, f"algo.inner_steps={self.inner_steps} must be >= 1.")
         _require(self.cg_steps >= 1, f"algo.cg_steps={self.cg_steps} must be >= 1.")
+        _at_most("algo.inner_steps", self.inner_steps, MAX_INNER_STEPS)
+        _at_most("algo.cg_steps", self.cg_steps, MAX_INNER_STEPS)
 
 
 @dataclass
@@ -442,6 +523,7 @@ class ReptileConfig(AlgoConfig):
     def __post_init__(self) -> None:
         _positive("algo.inner_lr", self.inner_lr)
         _require(self.inner_steps >= 1, f"algo.inner_steps={self.inner_steps} must be >= 1.")
+        _at_most("algo.inner_steps", self.inner_steps, MAX_INNER_STEPS)
         _choice("algo.inner_optimizer", self.inner_optimizer, ("adam", "sgd"))
 
 
@@ -458,6 +540,8 @@ class FinetuneConfig(AlgoConfig):
     def __post_init__(self) -> None:
         _positive("algo.inner_lr", self.inner_lr)
         _require(self.inner_steps >= 0, f"algo.inner_steps={self.inner_steps} must be >= 0.")
+        _at_most("algo.inner_steps", self.inner_steps, MAX_INNER_STEPS)
+        _at_most("algo.pretrain_batch", self.pretrain_batch, MAX_TASKS)
         _require(
             0 < self.layer_decay <= 1, f"algo.layer_decay={self.layer_decay} must be in (0, 1]."
         )
@@ -493,6 +577,10 @@ class BlackBoxConfig(AlgoConfig):
         _require(self.hidden >= 4, f"algo.hidden={self.hidden} must be >= 4.")
         _require(self.layers >= 1, f"algo.layers={self.layers} must be >= 1.")
         _require(self.heads >= 1, f"algo.heads={self.heads} must be >= 1.")
+        _at_most("algo.hidden", self.hidden, MAX_WIDTH)
+        _at_most("algo.layers", self.layers, MAX_DEPTH)
+        _at_most("algo.heads", self.heads, MAX_WIDTH)
+        _at_most("algo.tc_layers", self.tc_layers, MAX_DEPTH)
         _require(
             self.core != "transformer" or self.hidden % self.heads == 0,
             f"algo.hidden={self.hidden} with algo.heads={self.heads} is not allowed: the "
@@ -579,6 +667,7 @@ class TrainConfig:
         )
         _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1.")
         _require(self.meta_batch >= 1, f"train.meta_batch={self.meta_batch} must be >= 1.")
+        _at_most("train.meta_batch", self.meta_batch, MAX_TASKS)
         _positive("train.outer_lr", self.outer_lr)
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1.")
 
@@ -596,6 +685,11 @@ class EvalConfig:
         _require(self.every >= 1, f"eval.every={self.every} must be >= 1.")
         _require(self.num_tasks >= 1, f"eval.num_tasks={self.num_tasks} must be >= 1.")
         _require(self.val_tasks >= 1, f"eval.val_tasks={self.val_tasks} must be >= 1.")
+        for key in ("num_tasks", "val_tasks"):
+            _at_most(f"eval.{key}", getattr(self, key), MAX_TASKS)
+        _seed("eval.seed", self.seed)
+        if self.inner_steps is not None:
+            _at_most("eval.inner_steps", self.inner_steps, MAX_INNER_STEPS)
         _require(self.batch is None or self.batch >= 1, f"eval.batch={self.batch} must be >= 1.")
         _require(
             self.inner_steps is None or self.inner_steps >= 0,
@@ -621,6 +715,9 @@ class Config:
     # Continue a run from its latest checkpoint: a run directory, or true for hydra.run.dir.
     resume: Any = None
 
+    def __post_init__(self) -> None:
+        _seed("seed", self.seed)
+
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "data": {
@@ -631,7 +728,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         **{name: TfdsConfig for name in TFDS_DATA},
     },
     "model": {"mlp": MLPConfig, "conv4": Conv4Config},
-    "conditioning": {name: ConditioningConfig for name in CONDITIONINGS},
+    "conditioning": {**{name: ConditioningConfig for name in CONDITIONINGS}, "mmoe": MMoEConfig},
     "algo": {
         "maml": MAMLConfig,
         "anil": ANILConfig,
@@ -658,23 +755,166 @@ def register_schemas() -> None:
             cs.store(group=f"schema/{group}", name=option, node=schema)
 
 
-def to_config(cfg: DictConfig) -> Config:
-    """Build (and so validate) the typed config from a composed DictConfig."""
-    typed = OmegaConf.to_object(cfg)
+def to_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
+    """Build (and so validate) the typed config from a composed DictConfig.
+
+    `overrides` are the command line's `key=value` strings: OmegaConf converts a value to its
+    field's type where it can (`2` becomes true for a boolean), so their raw types are checked
+    against the schema here. The schema is closed: a key it does not define is refused, also
+    when `+` or `++` added it.
+    """
+    _check_against_schema(cfg, "")
+    _check_raw_types(cfg, overrides)
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except (TypeError, ValueError) as error:  # a schema's own check that met a malformed value
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"The configuration has a malformed value: {error}.") from None
+    _check_integers(typed, "")
     _check_combination(typed)
     return typed
 
 
-def from_yaml_with_overrides(saved: DictConfig, overrides: list[str]) -> Config:
-    """Rebuild a run's typed config from its saved YAML plus `key=value` overrides (for eval)."""
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """`key=value` strings as (key, value) pairs, parsed as Hydra parses the command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parsed = []
+    for text in overrides:
+        try:
+            override = OverridesParser.create().parse_override(text)
+        except HydraException as error:
+            raise ConfigError(f"The override {text!r} does not parse: {error}") from None
+        if override.is_delete() or override.is_sweep_override():
+            raise ConfigError(
+                f"The override {text!r} is not allowed here: give plain key=value settings."
+            )
+        parsed.append((override.key_or_group, override.value()))
+    return parsed
+
+
+def from_yaml_with_overrides(saved: DictConfig | dict, overrides: list[str]) -> Config:
+    """Rebuild a run's typed config from its saved YAML plus `key=value` overrides (for eval).
+
+    Settings the saved file holds that this version's schema no longer has (written by an older
+    metalearn) are dropped with a warning; the overrides must name settings the schema has.
+    """
     base = OmegaConf.structured(Config)
     for group, options in SCHEMAS.items():
-        name = saved[group]["name"]
-        if group == "data" and saved[group].get("source") == "tfds":
+        node = saved.get(group)
+        name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
+        if isinstance(node, (dict, DictConfig)) and node.get("source") == "tfds":
             name = "tfds"  # data.name is then a TFDS catalogue name, not a metalearn option
+        if name not in options:
+            raise ConfigError(
+                f"The saved configuration names {group}={name!r}, which is not one of this "
+                f"version's options ({sorted(options)}); the run's .hydra/config.yaml is damaged "
+                "or from another version."
+            )
         base[group] = OmegaConf.structured(options[name])
-    merged = OmegaConf.merge(base, saved, OmegaConf.from_dotlist(overrides))
-    return to_config(merged)
+    if isinstance(saved, DictConfig):
+        saved = OmegaConf.to_container(saved, resolve=False)
+    try:
+        merged = OmegaConf.merge(base, _drop_unknown(base, saved, ""))
+        with open_dict(merged):  # unknown keys reach the schema check, which names them
+            for key, value in parse_overrides(overrides):
+                OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"The configuration does not fit the schema: {error}") from None
+    return to_config(merged, overrides)
+
+
+def _drop_unknown(schema: DictConfig, saved: dict, path: str) -> dict:
+    kept = {}
+    for key, value in saved.items():
+        if key not in schema.keys():  # `in` alone is false for a MISSING value
+            log.warning("ignoring %s%s: a setting this metalearn no longer has", path, key)
+            continue
+        child = schema._get_node(key)
+        if isinstance(child, DictConfig) and isinstance(value, dict):
+            value = _drop_unknown(child, value, f"{path}{key}.")
+        kept[key] = value
+    return kept
+
+
+def _schema_of(node: DictConfig) -> type | None:
+    kind = OmegaConf.get_type(node)
+    return kind if dataclasses.is_dataclass(kind) else None
+
+
+@functools.cache
+def _type_hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _check_against_schema(node: DictConfig, path: str) -> None:
+    """Unknown keys and fixed-length tuples of wrong length, before any schema code runs."""
+    schema = _schema_of(node)
+    if schema is not None:
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {path}{close[0]}?" if close else "."
+                owner = path[:-1] or "the top level"
+                if "name" in known:
+                    owner = f"{owner}={node.get('name')}"
+                raise ConfigError(
+                    f"{path}{key} is not a setting of {owner}, so it would be ignored: the "
+                    f"settings are {known}{hint}"
+                )
+        hints = _type_hints(schema)
+        for key in known:
+            length = _tuple_length(hints.get(key))
+            value = node._get_node(key)
+            if length is not None and isinstance(value, ListConfig) and len(value) != length:
+                raise ConfigError(
+                    f"{path}{key}={list(value)} is not allowed: it takes exactly {length} values."
+                )
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _check_against_schema(child, f"{path}{key}.")
+
+
+def _tuple_length(hint: Any) -> int | None:
+    """n for tuple[X, Y, ...] of fixed length n (not tuple[X, ...]), else None."""
+    if typing.get_origin(hint) is not tuple:
+        return None
+    args = typing.get_args(hint)
+    return None if Ellipsis in args else len(args)
+
+
+def _check_raw_types(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Booleans take booleans only (OmegaConf would read `2` or `"yes"` as true)."""
+    for key, value in parse_overrides([o for o in overrides if "=" in o]):
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent.keys():
+            continue  # a config group (data=omniglot), or a key the schema check refuses
+        if isinstance(parent._get_node(leaf), BooleanNode):
+            _require(
+                isinstance(value, bool),
+                f"{key}={value} is not allowed: it is a boolean, so give true or false.",
+            )
+
+
+def _check_integers(value: Any, path: str) -> None:
+    """Every integer fits JAX's 32-bit integers (2**31 and up would overflow or alias)."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_integers(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_integers(item, path)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        _require(
+            -INT32_MAX <= value <= INT32_MAX,
+            f"{path}={value} is not allowed: metalearn's integers are 32-bit, so a value must lie "
+            f"within ±{INT32_MAX}.",
+        )
 
 
 # Algorithms that feed a task descriptor through the conditioning group.

@@ -10,6 +10,8 @@ import os
 
 import jax
 
+from metalearn.config import ConfigError
+
 # Explicit settings for launchers JAX does not detect by itself (JAX detects Slurm, Open MPI,
 # Kubernetes and Cloud TPU from their own environment variables).
 ENV = {
@@ -23,10 +25,24 @@ def initialize() -> None:
     kwargs = {name: os.environ[var] for name, var in ENV.items() if var in os.environ}
     for name in ("num_processes", "process_id"):
         if name in kwargs:
-            kwargs[name] = int(kwargs[name])
+            try:
+                kwargs[name] = int(kwargs[name])
+            except ValueError:
+                raise ConfigError(
+                    f"{ENV[name]}={kwargs[name]!r} is not allowed: it must be an integer."
+                ) from None
     # CPU devices of different processes talk through gloo; accelerators ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as error:  # no launcher detected, or no coordinator
+        raise ConfigError(
+            f"distributed=true could not join a multi-host job ({str(error).strip()}). JAX "
+            "finds the job's processes itself under Slurm, Open MPI, Kubernetes and Cloud TPU; "
+            "elsewhere set METALEARN_COORDINATOR=host:port (process 0's address), "
+            "METALEARN_NUM_PROCESSES and METALEARN_PROCESS_ID for every process. For one "
+            "process, leave distributed=false."
+        ) from None
 
 
 def is_primary() -> bool:

@@ -3,25 +3,63 @@
 The functions take the run dicts `metalearn.compare.load_run` returns. matplotlib is imported
 inside them (with the Agg canvas, never pyplot), so `metalearn compare` without --plot does
 not import it. Every PNG is rendered to memory and written atomically.
+
+What a damaged run cannot give is left out rather than raised: a metrics.jsonl line that is not
+a JSON object, a record whose step or metric is not a finite number, a test metric that is NaN.
+Labels are drawn as plain text (a `$` in an override would otherwise be parsed as mathtext).
 """
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
-from metalearn.compare import differing_overrides, objective_of, table_order
-from metalearn.rundir import atomic_write_bytes, read_metrics
+from metalearn.compare import (
+    Unreadable,
+    differing_overrides,
+    finite,
+    objective_of,
+    printable,
+    read_run_file,
+    table_order,
+)
+from metalearn.rundir import atomic_write_bytes
 
 LEARNING_CURVES = "learning_curves.png"
 TEST_METRICS = "test_metrics.png"
+# Agg refuses images of 2^16 pixels or more on a side (at 110 dpi, about 595 inches).
+MAX_INCHES = 500.0
 
 
 def load_metrics(run: dict) -> list[dict]:
     """The run's metrics.jsonl records, read once and kept in run["metrics"]."""
     if "metrics" not in run:
-        run["metrics"] = read_metrics(Path(run["path"]) / "metrics.jsonl")
+        run["metrics"] = read_records(Path(run["path"]))
     return run["metrics"]
+
+
+def read_records(run_path: Path) -> list[dict]:
+    """metrics.jsonl's JSON objects. A line that is not one (cut short by a kill, garbage, bytes
+    that are not UTF-8) is skipped, and a file that cannot be read safely gives none."""
+    try:
+        data = read_run_file(run_path, "metrics.jsonl", limit=None)
+    except Unreadable:
+        return []
+    records = []
+    for line in (data or b"").splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def plain_text(text) -> str:
+    """`text` as matplotlib draws it literally: printable, with `$` escaped (no mathtext)."""
+    return printable(text).replace("$", r"\$")
 
 
 def run_labels(runs: list[dict]) -> list[str]:
@@ -33,9 +71,11 @@ def run_labels(runs: list[dict]) -> list[str]:
         labels.append(label or Path(run["path"]).name)
     # Runs with the same overrides (e.g. a rerun) are told apart by their folder names.
     return [
-        f"{label} ({Path(run['path']).name})"
-        if labels.count(label) > 1 and label != Path(run["path"]).name
-        else label
+        plain_text(
+            f"{label} ({Path(run['path']).name})"
+            if labels.count(label) > 1 and label != Path(run["path"]).name
+            else label
+        )
         for label, run in zip(labels, runs)
     ]
 
@@ -49,14 +89,15 @@ def curve_metric(runs: list[dict]) -> str:
 
 
 def _curve(records: list[dict], split: str, metric: str) -> tuple[list, list, list]:
-    """Steps, cumulative wall time and metric values of one split, in step order.
+    """Steps, cumulative wall time and metric values of one split, in step order; a record whose
+    step or metric is not a finite number is skipped, an elapsed_s that is not one ignored.
 
     A resumed run restarts its clock at 0: after a drop in elapsed_s, the time counts on from
     the last record before the drop.
     """
     offset, last_raw, last, timed = 0.0, None, 0.0, []
     for rec in records:
-        elapsed = rec.get("elapsed_s")
+        elapsed = rec.get("elapsed_s") if finite(rec.get("elapsed_s")) else None
         if elapsed is not None:
             if last_raw is not None and elapsed < last_raw:
                 offset = last
@@ -66,7 +107,7 @@ def _curve(records: list[dict], split: str, metric: str) -> tuple[list, list, li
     points = sorted(
         (rec["step"], elapsed, rec[metric])
         for rec, elapsed in timed
-        if rec.get("split") == split and rec.get(metric) is not None and "step" in rec
+        if rec.get("split") == split and finite(rec.get(metric)) and finite(rec.get("step"))
     )
     if not points:
         return [], [], []
@@ -148,12 +189,14 @@ def metrics_bar_figure(runs: list[dict]):
     bars = []
     for i in table_order(runs, objective):
         test = runs[i].get("test") or {}
-        if test.get(objective) is None:
+        if not finite(test.get(objective)):
             continue
-        ci = test.get(f"{objective}_ci95") or 0.0
+        ci = test.get(f"{objective}_ci95")
+        ci = ci if finite(ci) and ci > 0 else 0.0
         bars.append((labels[i], test[objective] * scale, ci * scale, f"C{i % 10}"))
 
-    fig = Figure(figsize=(8, 1.2 + 0.45 * max(len(bars), 1)), layout="constrained")
+    height = min(1.2 + 0.45 * max(len(bars), 1), MAX_INCHES)
+    fig = Figure(figsize=(8, height), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     if bars:

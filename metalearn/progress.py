@@ -46,7 +46,7 @@ class Reporter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(run.path / "tensorboard"))
+            self.writer = SummaryWriter(str(run.inside("tensorboard")))
 
     @property
     def elapsed_s(self) -> float:

@@ -27,7 +27,10 @@ class ExitNonZeroOnFailedJobs(Callback):
         for summary in Path(str(config.hydra.sweep.dir)).glob("*/summary.json"):
             if summary.stat().st_mtime < started:
                 continue  # from an earlier sweep into the same folder
-            status = json.loads(summary.read_text()).get("status")
+            try:
+                status = json.loads(summary.read_text()).get("status")
+            except (OSError, ValueError, AttributeError):
+                status = "failed"  # a summary that does not read is no completed job
             if status in ("failed", "interrupted"):
                 failed.append(summary.parent.name)
         if failed:

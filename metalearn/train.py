@@ -21,7 +21,8 @@ from metalearn.algorithms.base import LossFn, task_loss_fn
 from metalearn.config import Config, ConfigError
 from metalearn.data import TaskSource, make_task_source
 from metalearn.evaluate import episode_metrics, make_evaluator
-from metalearn.models import Model, make_model, num_params
+from metalearn.memory import check_fits, compiled_bytes, tree_bytes
+from metalearn.models import Model, make_model
 from metalearn.progress import Reporter
 from metalearn.rundir import RunDir
 from metalearn.task_chunks import auto_chunk_for, mean_over_chunks
@@ -189,30 +190,43 @@ def make_train_step(
     return jax.jit(train_step, donate_argnums=0)
 
 
+def load_run_config(run: RunDir, overrides: list[str] = ()) -> Config:
+    """A run's saved config (never resolving what its author wrote) plus `key=value` overrides."""
+
+    from metalearn.config import from_yaml_with_overrides
+    from metalearn.rundir import RunDirError, literal, read_run_yaml
+
+    saved = run.path / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise RunDirError(
+            f"{run.path} is not a metalearn run directory (no .hydra/config.yaml); give a "
+            "directory that `metalearn train` wrote."
+        )
+    data = read_run_yaml(saved)
+    if not isinstance(data, dict):
+        raise RunDirError(
+            f"{saved} does not hold a configuration (a YAML mapping): the run directory is "
+            "damaged. Restore the file from a copy of the run."
+        )
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value; got {bad}.")
+    try:
+        return from_yaml_with_overrides(literal(data), list(overrides))
+    except ConfigError as error:
+        raise ConfigError(f"{error} (in {saved} with the overrides {list(overrides)})") from None
+
+
 def restore(run_dir, overrides: list[str], checkpoint: str = "best"):
     """Rebuild a finished run's experiment (with `key=value` overrides) and load a checkpoint.
 
     Returns (experiment, params, checkpoint metadata).
     """
-    from omegaconf import OmegaConf
-
-    from metalearn.config import ConfigError, from_yaml_with_overrides
-    from metalearn.rundir import RunDirError
-
     run = RunDir(run_dir)
-    saved = run.path / ".hydra" / "config.yaml"
-    if not saved.exists():
-        raise RunDirError(
-            f"{run.path} is not a metalearn run directory (no .hydra/config.yaml); give a "
-            "directory that `metalearn train` wrote."
-        )
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value; got {bad}.")
-    exp = build(from_yaml_with_overrides(OmegaConf.load(saved), overrides))
-    template = exp.algo.init(jax.random.PRNGKey(exp.cfg.seed))
+    exp = build(load_run_config(run, overrides))
+    template = jax.eval_shape(exp.algo.init, jax.random.PRNGKey(exp.cfg.seed))
     if checkpoint == "latest":
-        template = initial_state(exp, template)
+        template = jax.eval_shape(lambda p: initial_state(exp, p), template)
     tree, meta = run.load_checkpoint(checkpoint, template)
     return exp, (tree.params if checkpoint == "latest" else tree), meta
 
@@ -235,34 +249,80 @@ class Interrupted(RuntimeError):
     """SIGINT or SIGTERM arrived; the latest checkpoint was saved first."""
 
 
-def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
-    """Train, validate every eval.every steps, test the best checkpoint; return the summary.
+class Session(NamedTuple):
+    """A run ready to train: built, checked and compiled, with nothing written yet."""
+
+    exp: Experiment
+    state: TrainState
+    progress: dict  # step, best-so-far and times: what the latest checkpoint carries
+    train_step: Any  # the compiled step
+    evaluate: Any
+    train_arrays: Any
+    train_key: jax.Array
+    n_params: int
+
+
+def prepare(cfg: Config, run: RunDir, resume: bool = False) -> Session:
+    """Everything that can refuse a run, before any of its files is written: the data, the
+    model, the memory the step needs, and (resume) that the checkpoints fit the config.
 
     Step s draws its tasks from fold_in(train_key, s), so a run resumed from its latest
     checkpoint (resume=True) replays exactly what an uninterrupted run would have done.
     """
     exp = build(cfg)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    params = exp.algo.init(init_key)
-    state = initial_state(exp, params)
-    n_params = num_params(params)
-    mesh = task_mesh(cfg.train.meta_batch)
-    train_step = make_train_step(
-        exp, cfg.train.meta_batch, getattr(cfg.algo, "inner_steps", 0), mesh, cfg.train.task_chunk
+    shapes = jax.eval_shape(exp.algo.init, init_key)
+    n_params = sum(x.size for x in jax.tree.leaves(shapes))
+    check_fits(
+        3 * tree_bytes(shapes), "The model with its optimiser state", f"{n_params:,} parameters"
     )
-    evaluate = make_evaluator(
-        exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
-    )
-    train_arrays = exp.source.splits["train"]
-
+    state = initial_state(exp, exp.algo.init(init_key))
     progress = {"step": 0, "best": {"score": -math.inf, "step": 0, "metrics": None},
                 "train_time_s": 0.0, "compile_time_s": 0.0, "elapsed_s": 0.0}  # fmt: skip
     if resume:
         state, progress = run.load_checkpoint("latest", state)
-        run.truncate_metrics(progress["step"])
-        log.info("resuming %s from step %d", run.path, progress["step"])
+        if progress["best"]["metrics"] is not None:  # the best checkpoint is tested at the end
+            run.load_checkpoint("best", state.params)
+    mesh = task_mesh(cfg.train.meta_batch)
+    train_arrays = exp.source.splits["train"]
     if mesh is not None:  # parameters, optimiser state and data are replicated on every device
         state, train_arrays = jax.device_put((state, train_arrays), NamedSharding(mesh, P()))
+    step_fn = make_train_step(
+        exp, cfg.train.meta_batch, getattr(cfg.algo, "inner_steps", 0), mesh, cfg.train.task_chunk
+    )
+    started = time.perf_counter()
+    compiled = step_fn.lower(state, train_arrays, train_key, 1).compile()
+    check_fits(compiled_bytes(compiled), "One training step", _step_sizes(exp, n_params))
+    if progress["step"] == 0:  # as the first step's time counted it before compiling ahead
+        progress["compile_time_s"] = time.perf_counter() - started
+        progress["train_time_s"] = progress["compile_time_s"]
+    evaluate = make_evaluator(
+        exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
+    )
+    return Session(exp, state, progress, compiled, evaluate, train_arrays, train_key, n_params)
+
+
+def _step_sizes(exp: Experiment, n_params: int) -> str:
+    """What a training step holds, from the shapes of one task (for memory errors)."""
+    arrays = exp.source.splits["train"]
+    task = jax.eval_shape(lambda k: exp.source.sample(k, arrays, False), jax.random.PRNGKey(0))
+    support, query = task.support.x.shape, task.query.x.shape
+    return (
+        f"{exp.cfg.train.meta_batch} tasks of {support[0]:,} support and {query[0]:,} query "
+        f"examples of shape {tuple(support[1:])}, and {n_params:,} parameters"
+    )
+
+
+def train(session: Session, run: RunDir) -> dict:
+    """Train, validate every eval.every steps, test the best checkpoint; return the summary."""
+    exp, state, progress = session.exp, session.state, session.progress
+    cfg, evaluate, train_step = exp.cfg, session.evaluate, session.train_step
+    train_arrays, train_key, n_params = session.train_arrays, session.train_key, session.n_params
+    if progress["step"]:
+        run.truncate_metrics(progress["step"])
+        log.info("resuming %s from step %d", run.path, progress["step"])
+    else:
+        run.truncate_metrics(0)  # a run killed before its first checkpoint starts over
     log.info(
         "%s on %s with %s: %d parameters, %d steps -> %s",
         cfg.algo.name, cfg.data.name, cfg.model.name, n_params, cfg.train.steps, run.path,
@@ -296,14 +356,11 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
             last = step == cfg.train.steps or out_of_time
             if step == 1 or step % cfg.train.log_every == 0 or last:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if step == 1:
-                    progress["compile_time_s"] = time.perf_counter() - t
                 if not all_finite(metrics):
                     raise TrainingError(
                         f"The training loss became non-finite at step {step} (checked every "
-                        f"train.log_every={cfg.train.log_every} steps; {metrics}). The "
-                        f"last good checkpoint is {run.path / 'checkpoints' / 'latest.npz'} "
-                        f"(step {progress['step']}); lower train.outer_lr or algo.inner_lr."
+                        f"train.log_every={cfg.train.log_every} steps; {metrics}). "
+                        f"{_last_good(run, progress)} Lower train.outer_lr or algo.inner_lr."
                     )
                 report.record(step, "train", metrics)
             progress["train_time_s"] += time.perf_counter() - t
@@ -314,9 +371,8 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
                 if not all_finite(val):
                     raise TrainingError(
                         f"The validation metrics became non-finite at step {step} ({val}): the "
-                        "adaptation diverges. The last good checkpoint is "
-                        f"{run.path / 'checkpoints' / 'latest.npz'} (step {progress['step']}); "
-                        "lower algo.inner_lr or use fewer algo.inner_steps."
+                        f"adaptation diverges. {_last_good(run, progress)} Lower algo.inner_lr "
+                        "or use fewer algo.inner_steps."
                     )
                 score = validation_score(val, exp.classification)
                 if score > best["score"]:
@@ -343,7 +399,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed)
     report.record(best["step"], "test", test, "(the best checkpoint)")
     report.close()
-    timed_steps = max(last_step - 1, 1)
+    timed_steps = max(last_step, 1)
     return {
         "algo": cfg.algo.name,
         "data": cfg.data.name,
@@ -366,6 +422,17 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> dict:
         "devices": [str(d) for d in jax.devices()],
         "eval_inner_steps": exp.eval_inner_steps,
     }
+
+
+def _last_good(run: RunDir, progress: dict) -> str:
+    """Where the run can be resumed from, as the error of a stopped run should say."""
+    if not run.started():
+        return (
+            "No checkpoint was saved before (the first is at train.checkpoint_every or "
+            "eval.every), so the run holds nothing to resume."
+        )
+    latest = run.path / "checkpoints" / "latest.npz"
+    return f"The last good checkpoint is {latest} (step {progress['step']})."
 
 
 class _SignalFlag:

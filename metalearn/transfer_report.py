@@ -3,15 +3,22 @@
 For every multi-task run that is not the baseline (conditioning=separate by default), each
 task's test metric minus the baseline's on the same task, in points: positive means the task
 gains from sharing, negative means negative transfer. A run is compared with the baseline run
-whose other overrides (e.g. the weighting) match, else with the first baseline run.
+whose other overrides (e.g. the weighting) match, else with the first baseline run. A task
+without a finite metric in both runs (a damaged summary, a NaN) is left out of that comparison.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from metalearn.compare import differing_overrides, objective_of, render_markdown, task_names
-from metalearn.plots import save_png
+from metalearn.compare import (
+    differing_overrides,
+    finite,
+    objective_of,
+    render_markdown,
+    task_names,
+)
+from metalearn.plots import MAX_INCHES, plain_text, save_png
 from metalearn.rundir import RunDirError, atomic_write_bytes
 
 
@@ -46,13 +53,15 @@ def gains(runs: list[dict], baseline: str = "separate") -> tuple[list[str], list
             [f"conditioning={run.get('conditioning')}"]
             + [f"{k}={by_path[run['path']][k]}" for k in keys if k in by_path[run["path"]]]
         )
+        if label in table:  # runs that differ only in their folder (a rerun)
+            label += f" ({Path(run['path']).name})"
         ref = matching_baseline(run)["test"]["per_task"]
         own = run["test"]["per_task"]
         sign, scale = (1.0, 100.0) if objective == "accuracy" else (-1.0, 1.0)
         table[label] = {
             t: sign * scale * (own[t][objective] - ref[t][objective])
             for t in tasks
-            if t in own and t in ref
+            if finite(own.get(t, {}).get(objective)) and finite(ref.get(t, {}).get(objective))
         }
     return list(table), tasks, table
 
@@ -78,15 +87,17 @@ def plot(labels, tasks, table, path: Path, objective: str) -> None:
     from matplotlib.figure import Figure
 
     width = 0.8 / len(labels)
-    fig = Figure(figsize=(max(8, 0.45 * len(tasks) * max(1, len(labels) / 3)), 4.5))
+    inches = min(max(8, 0.45 * len(tasks) * max(1, len(labels) / 3)), MAX_INCHES)
+    fig = Figure(figsize=(inches, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     x = np.arange(len(tasks))
     for i, label in enumerate(labels):
         values = [table[label].get(t, np.nan) for t in tasks]
-        ax.bar(x + (i - (len(labels) - 1) / 2) * width, values, width, label=label)
+        offset = (i - (len(labels) - 1) / 2) * width
+        ax.bar(x + offset, values, width, label=plain_text(label))
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, tasks, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(x, [plain_text(t) for t in tasks], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(
         "accuracy gain over separate (points)"
         if objective == "accuracy"

@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _FLAGS = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in _FLAGS:
     os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_backend_optimization_level=0".strip()
@@ -29,3 +31,12 @@ if _OWN_CACHE:
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of the `metalearn` processes a test module starts: none of the user's
+    data folders, a private cache, Hydra's short errors."""
+    environ = {k: v for k, v in os.environ.items() if k != "METALEARN_DATA"}
+    environ.update(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg")), HYDRA_FULL_ERROR="0")
+    return environ

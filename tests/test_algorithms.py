@@ -86,6 +86,7 @@ def image_experiment(algo_name: str, model_cfg=None) -> Experiment:
 
 
 # multitask trains on a fixed set of tasks, not a task distribution: tests/test_multitask.py
+@pytest.mark.slow
 @pytest.mark.parametrize("algo_name", sorted(set(ALGORITHMS) - {"multitask"}))
 def test_every_algorithm_learns_a_tiny_image_task(algo_name):
     exp = image_experiment(algo_name)
@@ -110,6 +111,7 @@ def test_every_algorithm_learns_a_tiny_image_task(algo_name):
         assert after["accuracy"] > before["accuracy"] + margin, (before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo_name", ["maml", "reptile", "finetune", "imaml"])
 def test_regression_algorithms_run_on_sinusoid(algo_name):
     tuned = {

@@ -51,6 +51,7 @@ def test_support_order_does_not_matter_but_its_targets_do(conditioning):
     assert float(jnp.abs(predictions(relabelled) - predictions(task.support)).max()) > 1e-4
 
 
+@pytest.mark.slow
 def test_amortized_learner_fits_sinusoids_from_the_support_set():
     exp = experiment()
     state = initial_state(exp, exp.algo.init(KEY))

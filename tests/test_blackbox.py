@@ -61,6 +61,7 @@ def permuted(split: Split, order) -> Split:
     return Split(split.x[order], split.y[order])
 
 
+@pytest.mark.slow
 def test_transformer_is_invariant_to_support_order():
     algo, params, task = learner("transformer", encoder="conv4")
     order = jax.random.permutation(jax.random.PRNGKey(2), len(task.support.y))
@@ -168,6 +169,7 @@ def vector_source() -> TaskSource:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("core", CORES)
 def test_every_core_learns_to_classify_from_the_support_set(core):
     source = vector_source()
@@ -209,6 +211,7 @@ def test_every_core_learns_to_classify_from_the_support_set(core):
     assert follows > 0.8 and original < 0.2, (follows, original)
 
 
+@pytest.mark.slow
 def test_cli_trains_snail_on_sinusoids(tmp_path):
     run = tmp_path / "run"
     metalearn(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 from helpers import metalearn as run_metalearn
 from omniglot_fixture import make_omniglot_zips
+
+pytestmark = pytest.mark.slow  # every test here starts metalearn processes
 
 # Small but complete: every stage of a run, in seconds.
 SINUSOID = ["train.steps=40", "eval.every=20", "eval.num_tasks=30", "eval.val_tasks=10"]
@@ -30,14 +31,6 @@ TINY_OMNIGLOT = [
     "eval.val_tasks=5",
     "eval.batch=5",
 ]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xdg")
-    environ = {k: v for k, v in os.environ.items() if k != "METALEARN_DATA"}
-    environ.update(XDG_CACHE_HOME=str(cache), HYDRA_FULL_ERROR="0")
-    return environ
 
 
 @pytest.fixture(scope="module")

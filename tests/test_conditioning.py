@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from metalearn.conditioning import make_conditioned_model
-from metalearn.config import CONDITIONINGS, ConditioningConfig, ConfigError, Conv4Config, MLPConfig
+from metalearn.config import (
+    CONDITIONINGS,
+    ConditioningConfig,
+    ConfigError,
+    Conv4Config,
+    MLPConfig,
+    MMoEConfig,
+)
 from metalearn.models import make_model
 
 T, N_OUT = 3, 4
@@ -16,7 +23,7 @@ KEY = jax.random.PRNGKey(0)
 
 
 def build(name, model_cfg=MLP, input_shape=(5,), **kw):
-    cfg = ConditioningConfig(name=name, **kw)
+    cfg = MMoEConfig(**kw) if name == "mmoe" else ConditioningConfig(name=name, **kw)
     return make_conditioned_model(cfg, model_cfg, input_shape, n_tasks=T)
 
 
@@ -31,6 +38,7 @@ def inputs(input_shape):
     return jax.random.normal(jax.random.PRNGKey(1), (7, *input_shape))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_cfg,input_shape", [(MLP, (5,)), (CONV, (16, 16, 1))])
 @pytest.mark.parametrize("name", CONDITIONINGS)
 def test_output_depends_on_the_task_unless_unconditioned(name, model_cfg, input_shape):

@@ -82,6 +82,7 @@ def test_conv_matches_xla_second_order(stride):
 ROW_CASES = [(2, 14, 16, 8), (2, 7, 16, 16), (3, 3, 16, 8), (2, 5, 24, 4)]  # (b, size, cin, cout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("b,size,cin,cout", ROW_CASES)
 def test_row_conv_matches_xla_to_second_order_in_float64(b, size, cin, cout):
     """The custom_vjp row formulation (stride 1, Cin >= 16): value, first and second derivatives."""
@@ -119,6 +120,7 @@ def test_row_conv_under_vmap_with_per_task_weights_float32():
     close(vjp(ct), vjp_ref(ct), rtol=1e-4, atol=1e-4)  # sums over 2*14*14 positions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cin,stride", [(1, 1), (1, 2), (3, 1), (16, 1), (16, 2)])
 def test_conv_moments_match_direct_statistics(cin, stride):
     """Mean and variance of the conv output (from the patch covariance when 9 * Cin <= 32) and
@@ -178,6 +180,7 @@ def ref_pool(x):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,out", [(28, 14), (14, 7), (7, 3), (3, 1)])
 def test_max_pool_shape_value_and_derivatives(size, out):
     kx, kg = jax.random.split(jax.random.key(3))
@@ -224,6 +227,7 @@ def perturbed_params(downsample, hidden=8, n_out=5):
     return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "downsample,sizes", [("stride", [14, 7, 4, 2]), ("maxpool", [14, 7, 3, 1])]
 )
@@ -263,6 +267,7 @@ def test_batch_norm_uses_batch_statistics():
     close(conv4.block(p, x, downsample="stride"), jax.nn.relu(pre), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("downsample", ["stride", "maxpool"])
 def test_model_matches_reference_value_and_gradient(downsample):
     params = perturbed_params(downsample)
@@ -318,6 +323,7 @@ def meta_grads(first_order):
     return ours, ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_order", [False, True])
 def test_maml_meta_gradient_matches_reference(first_order):
     """vmapped, second-order MAML through our conv path equals the plain XLA formulation.

@@ -53,6 +53,7 @@ def test_one_step_meta_gradient_equals_closed_form(first_order):
         assert np.abs(np.asarray(want - fo)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_two_step_meta_gradient_matches_finite_differences():
     """A nonlinear MLP, 2 inner steps, float64, central differences along random directions."""
     from metalearn.models import mlp

@@ -70,6 +70,7 @@ def test_metasgd_with_equal_frozen_rates_is_maml():
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(got["inner_lr"]))
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_results():
     steps = 25
     plain = make(MAMLConfig(inner_lr=0.02, inner_steps=steps))

@@ -9,6 +9,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts metalearn processes
+
 ARGS = [
     "train.steps=60",
     "train.meta_batch=8",

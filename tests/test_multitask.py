@@ -4,7 +4,6 @@ negative-transfer report, soft sharing, resumable weighting state, and bad input
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +29,6 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    environ = {k: v for k, v in os.environ.items() if k != "METALEARN_DATA"}
-    environ.update(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg")), HYDRA_FULL_ERROR="0")
-    return environ
-
-
-@pytest.fixture(scope="module")
 def sweep(tmp_path_factory, env):
     """One multirun over every conditioning."""
     root = tmp_path_factory.mktemp("sweep")
@@ -48,6 +40,7 @@ def sweep(tmp_path_factory, env):
     return root / "sweep"
 
 
+@pytest.mark.slow
 def test_every_conditioning_writes_comparable_per_task_summaries(sweep):
     summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
     assert sorted(s["conditioning"] for s in summaries) == sorted(CONDITIONINGS)
@@ -60,6 +53,7 @@ def test_every_conditioning_writes_comparable_per_task_summaries(sweep):
         assert test["worst"] == {"task": worst, "loss": max(losses)}
 
 
+@pytest.mark.slow
 def test_compare_shows_every_task_and_the_negative_transfer_report(sweep, tmp_path, env):
     result = metalearn(
         ["compare", str(sweep), "--md", str(tmp_path / "t.md"), "--negative-transfer",
@@ -86,6 +80,7 @@ def test_compare_shows_every_task_and_the_negative_transfer_report(sweep, tmp_pa
     assert "wrote" in result.stdout
 
 
+@pytest.mark.slow
 def test_dwa_state_is_checkpointed_so_a_resumed_run_continues_exactly(tmp_path, env):
     args = [*TINY, "algo.weighting=dwa", "train.log_every=1", "eval.every=1000"]
     full, split = tmp_path / "full", tmp_path / "split"
@@ -105,6 +100,7 @@ def test_dwa_state_is_checkpointed_so_a_resumed_run_continues_exactly(tmp_path, 
     assert len(train_lines(full)) == 8
 
 
+@pytest.mark.slow
 def test_soft_sharing_pulls_separate_networks_together(tmp_path, env):
     def distance(extra):
         run = tmp_path / "_".join(extra).replace("=", "-")
@@ -117,6 +113,7 @@ def test_soft_sharing_pulls_separate_networks_together(tmp_path, env):
     assert distance(["algo.soft_sharing=1.0"]) < 0.5 * distance(["algo.soft_sharing=0.0"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -126,7 +123,8 @@ def test_soft_sharing_pulls_separate_networks_together(tmp_path, env):
         (["data=sinusoid"], "algo=multitask needs multi-task data"),
         (["algo=maml"], "is a fixed set of tasks for multi-task learning"),
         (["algo=maml", "data=sinusoid", "conditioning=film"], "is not used by algo=maml"),
-        (["conditioning=film", "conditioning.experts=0"], "conditioning.experts=0 must be >= 1"),
+        (["conditioning=mmoe", "conditioning.experts=0"], "conditioning.experts=0 must be >= 1"),
+        (["conditioning=film", "conditioning.experts=2"], "conditioning.experts is not a setting"),
     ],
 )  # fmt: skip
 def test_bad_multitask_input_is_one_clear_paragraph(args, message, tmp_path, env):
@@ -139,15 +137,15 @@ def test_bad_multitask_input_is_one_clear_paragraph(args, message, tmp_path, env
     assert not summary.exists() or json.loads(summary.read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_mmoe_and_separate_train_on_images():
     """The index-selected conditionings work on a conv model (vmapped over tasks in one step)."""
     from metalearn.conditioning import make_conditioned_model
-    from metalearn.config import ConditioningConfig, Conv4Config
+    from metalearn.config import ConditioningConfig, Conv4Config, MMoEConfig
 
     for name in ("mmoe", "separate", "multihead"):
-        model = make_conditioned_model(
-            ConditioningConfig(name=name, experts=2), Conv4Config(hidden=4), (12, 12, 1), n_tasks=2
-        )
+        cfg = MMoEConfig(experts=2) if name == "mmoe" else ConditioningConfig(name=name)
+        model = make_conditioned_model(cfg, Conv4Config(hidden=4), (12, 12, 1), n_tasks=2)
         params = model.init(jax.random.PRNGKey(0), 3)
         x = jnp.ones((2, 5, 12, 12, 1))
         out = jax.jit(jax.vmap(model.apply, (None, 0, 0)))(params, x, jnp.array([0, 1]))
@@ -159,6 +157,7 @@ def sweep_run(sweep, conditioning):
                 if json.loads(p.read_text())["conditioning"] == conditioning)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_transfer_starts_from_the_pretrained_trunk_and_freezes_blocks(sweep, tmp_path, env):
     pre, tuned = sweep_run(sweep, "multihead"), tmp_path / "tuned"
     metalearn(
@@ -176,6 +175,7 @@ def test_transfer_starts_from_the_pretrained_trunk_and_freezes_blocks(sweep, tmp
     assert max(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_transfer_from_a_run_without_a_shared_trunk_is_refused(sweep, tmp_path, env):
     pre = sweep_run(sweep, "separate")
     result = metalearn(["train", *TINY, f"algo.init_from={pre}", f"hydra.run.dir={tmp_path / 'b'}"],

@@ -196,6 +196,7 @@ def test_drawing_counts_must_cover_the_20_drawings(drawings):
         OmniglotAlphabetsConfig(drawings=drawings)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"no Omniglot copy at {REAL_DATA}")
 def test_real_omniglot_background_alphabets():
     src = alphabets_source(REAL_DATA, image_size=28, k_shot=10, k_query=10)

@@ -267,6 +267,7 @@ def test_download_failure_raises_data_error(tmp_path):
     assert list(cache.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"no Omniglot copy at {REAL_DATA}")
 def test_real_omniglot(tmp_path):
     start = time.perf_counter()

@@ -7,6 +7,8 @@ import struct
 import subprocess
 import sys
 
+import pytest
+
 ARGS = ["train.steps=300", "eval.every=100", "eval.num_tasks=20", "eval.val_tasks=10"]
 
 
@@ -38,6 +40,7 @@ def run(tmp_path, *extra):
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_tensorboard_events_match_metrics_jsonl(tmp_path):
     import json
 
@@ -53,6 +56,7 @@ def test_tensorboard_events_match_metrics_jsonl(tmp_path):
         assert all(abs(a - b) <= 1e-6 * max(1, abs(b)) for (_, a), (_, b) in zip(got, want))
 
 
+@pytest.mark.slow
 def test_no_progress_bar_when_not_a_terminal(tmp_path):
     run_dir, result = run(tmp_path)
     assert "%|" not in result.stderr and "step/s]" not in result.stderr

@@ -98,6 +98,7 @@ def small_experiment():
     return build(cfg)
 
 
+@pytest.mark.slow
 def test_train_step_jit_matches_eager_and_does_not_recompile():
     exp = small_experiment()
     params = exp.algo.init(KEY)

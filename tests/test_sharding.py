@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts a process with 4 simulated devices
+
 SCRIPT = r"""
 import json, jax, jax.numpy as jnp
 from metalearn.config import Config, EvalConfig, MAMLConfig, MLPConfig, SinusoidConfig, TrainConfig

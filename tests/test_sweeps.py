@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import metalearn
+
+pytestmark = pytest.mark.slow  # every test here starts metalearn processes
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # Every stage of a run (train, validate, test the best checkpoint) in a few seconds.
@@ -40,13 +41,6 @@ needs_optuna = pytest.mark.skipif(
     not has_plugin("hydra_optuna_sweeper"),
     reason="hydra-optuna-sweeper is not installed: pip install -e '.[sweep]'",
 )
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    environ = {k: v for k, v in os.environ.items() if k != "METALEARN_DATA"}
-    environ.update(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg")), HYDRA_FULL_ERROR="0")
-    return environ
 
 
 def check(result):

@@ -16,6 +16,7 @@ from metalearn.types import Split, Task
 KEY = jax.random.PRNGKey(3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo_name", ["maml", "reptile"])  # meta_loss and meta_gradient paths
 def test_chunked_step_equals_whole_batch_step(algo_name):
     # Plain SGD with lr 1, so the parameter change is minus the mean gradient itself.

@@ -553,6 +553,7 @@ def test_presets_compose_and_reload_from_a_saved_config(preset):
     assert again.data.k_shot == 5
 
 
+@pytest.mark.slow
 def test_train_from_the_command_line(shapes_dir, tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HYDRA_FULL_ERROR": "0"}
     run_dir = tmp_path / "run"

@@ -10,12 +10,16 @@ Order: characters are sorted by set (background, then evaluation), alphabet, cha
 drawings of a character by file name. Sources, first match wins: `root`, `$METALEARN_DATA` (each
 may also hold the data in an `omniglot/` subfolder), the cache folder, then a download into the
 cache that is checked against the official sha256.
+
+Nothing damaged is trusted: a source that cannot be read completely is an error naming what cannot
+be read, and a cache file that fails any check against the index of the source is rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import shutil
@@ -27,7 +31,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 from PIL import Image
@@ -45,6 +49,7 @@ DRAWINGS = 20
 FULL_RELEASE = {"images_background": 964, "images_evaluation": 659}  # characters per set
 _CACHE_VERSION = 1  # bump when preprocessing changes, so old cache files are not reused
 _PNG = re.compile(r"^[^/]+/character\d+/\d+_\d+\.png$")
+_CHARACTER = re.compile(r"^[^/]+/character\d+$")  # a character folder, relative to its set
 _HOW_TO_FIX = (
     "Point to a folder holding images_background.zip and images_evaluation.zip (or their "
     "extracted folders images_background/ and images_evaluation/) from "
@@ -53,6 +58,8 @@ _HOW_TO_FIX = (
 )
 
 Downloader = Callable[[str, Path], None]
+
+log = logging.getLogger("metalearn")
 
 
 class DataError(ValueError):
@@ -103,16 +110,24 @@ def load_omniglot(
     paths = _find_sources(None if root is None else Path(root), cache, download, downloader)
     sets = [_index_set(name, path) for name, path in paths.items()]
     characters = _characters(sets)
+    labels = _labels(characters)
     key = _fingerprint(sets, image_size)
     cached = cache / f"omniglot-{image_size}px-{key}.npz"
-    if cached.is_file():
-        try:
-            return _read_cache(cached)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable cache file: rebuild it below
-    data = _preprocess(sets, characters, image_size)
-    _write_cache(cached, data)
-    return data
+    source = " and ".join(str(s.path) for s in sets)
+    shape = (len(characters), DRAWINGS, image_size, image_size)
+    arrays = read_cache_file(
+        cached, ("images", *labels), lambda a: _cache_problem(a, labels, shape), source
+    )
+    if arrays is None:
+        arrays = {"images": _preprocess(sets, characters, image_size), **labels}
+        write_cache_file(cached, arrays, "Omniglot")
+    return OmniglotArrays(
+        images=arrays["images"],
+        alphabet=labels["alphabet"],
+        background=labels["background"],
+        alphabets=tuple(str(a) for a in labels["alphabets"]),
+        characters=tuple(str(c) for c in labels["characters"]),
+    )
 
 
 def default_cache_dir() -> Path:
@@ -206,7 +221,15 @@ def _sets_in(folder: Path) -> dict[str, Path]:
     found = {}
     for name in SETS:
         for candidate in (folder / f"{name}.zip", folder / name):
-            if candidate.exists():
+            try:
+                present = candidate.exists()
+            except OSError as e:  # e.g. a folder we may not look into (exists() raises EACCES)
+                raise DataError(
+                    f"Cannot look for Omniglot in {folder}: {candidate} cannot be accessed "
+                    f"({e.strerror or e}). Make the folder readable, or point data.root (or "
+                    "METALEARN_DATA) at another copy of the data."
+                ) from e
+            if present:
                 found[name] = candidate
                 break
     return found
@@ -216,6 +239,8 @@ def _find_sources(
     root: Path | None, cache: Path, download: bool, downloader: Downloader | None
 ) -> dict[str, Path]:
     if root is not None:
+        if os.path.isfile(root):  # e.g. data.root=/data/images_background.zip
+            raise DataError(f"data.root={root} is a file, not a folder. {_HOW_TO_FIX}")
         for folder in (root, root / "omniglot"):
             found = _sets_in(folder)
             if len(found) == len(SETS):
@@ -254,24 +279,31 @@ def _describe(found: dict[str, Path]) -> str:
 
 def _download(name: str, dest: Path, downloader: Downloader, looked: list[str]) -> None:
     """Download one set to `dest`, checked against the official sha256, atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with temp_file_beside(dest) as tmp:
-        try:
-            downloader(URLS[name], tmp)
-        except Exception as e:  # any failure of an injected or network downloader
-            raise DataError(
-                f"Omniglot was not found locally and downloading {URLS[name]} failed ({e}). "
-                f"Looked in: {'; '.join(looked)}. {_HOW_TO_FIX}"
-            ) from e
-        digest = _sha256(tmp)
-        if digest != SHA256[name]:
-            raise DataError(
-                f"The download of {URLS[name]} has sha256 {digest}, not the official "
-                f"{SHA256[name]}; it was discarded, so no copy of it is left in {dest.parent}. "
-                "Retry later, or download the file yourself and point data.root (or "
-                "METALEARN_DATA) at the folder holding it."
-            )
-        os.replace(tmp, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with temp_file_beside(dest) as tmp:
+            try:
+                downloader(URLS[name], tmp)
+            except Exception as e:  # any failure of an injected or network downloader
+                raise DataError(
+                    f"Omniglot was not found locally and downloading {URLS[name]} failed ({e}). "
+                    f"Looked in: {'; '.join(looked)}. {_HOW_TO_FIX}"
+                ) from e
+            digest = _sha256(tmp)
+            if digest != SHA256[name]:
+                raise DataError(
+                    f"The download of {URLS[name]} has sha256 {digest}, not the official "
+                    f"{SHA256[name]}; it was discarded, so no copy of it is left in "
+                    f"{dest.parent}. Retry later, or download the file yourself and point "
+                    "data.root (or METALEARN_DATA) at the folder holding it."
+                )
+            os.replace(tmp, dest)
+    except OSError as e:  # the cache folder itself: a file, read-only, full (DataError is not one)
+        raise DataError(
+            f"Omniglot was not found locally, and its download cannot be stored in the cache "
+            f"folder {dest.parent} ({e}). Make that folder writable (or set XDG_CACHE_HOME to "
+            f"another folder), or download the files yourself. {_HOW_TO_FIX}"
+        ) from e
 
 
 def _sha256(path: Path) -> str:
@@ -289,15 +321,12 @@ def _sha256(path: Path) -> str:
 def _index_set(name: str, path: Path) -> _ImageSet:
     """List the PNGs of one set with their CRCs, checking that the container opens."""
     if path.is_dir():
-        crcs = {}
-        for file in sorted(path.rglob("*.png")):
-            rel = file.relative_to(path).as_posix()
-            crcs[rel] = zlib.crc32(file.read_bytes())
+        crcs = _folder_crcs(path)
         return _ImageSet(name, path, crcs, _check_layout(path, crcs), "")
     try:
         with zipfile.ZipFile(path) as zf:
             infos = [i for i in zf.infolist() if i.filename.endswith(".png") and not i.is_dir()]
-    except (OSError, zipfile.BadZipFile) as e:
+    except Exception as e:  # BadZipFile, OSError, or what a mangled directory makes zipfile raise
         raise _corrupt(path, f"it does not open as a zip file ({e})") from e
     tops = {i.filename.split("/", 1)[0] for i in infos}
     if len(tops) != 1:
@@ -305,6 +334,44 @@ def _index_set(name: str, path: Path) -> _ImageSet:
     top = tops.pop() + "/"
     crcs = {i.filename[len(top) :]: i.CRC for i in infos}
     return _ImageSet(name, path, crcs, _check_layout(path, crcs), top)
+
+
+def _folder_crcs(root: Path) -> dict[str, int]:
+    """The CRC of every PNG below the extracted set `root`, which must be readable throughout.
+
+    os.walk with an onerror that raises, since Path.rglob skips what it cannot list without a
+    word (an unreadable character folder would be dropped and the rest cached as the dataset).
+    Links to folders are followed: a copy assembled from links is as good as one without.
+    """
+
+    def unlistable(e: OSError) -> NoReturn:
+        raise _unreadable(root, e.filename or root, f"cannot be listed ({e.strerror or e})")
+
+    crcs = {}
+    for folder, dirs, files in os.walk(root, onerror=unlistable, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):  # os.walk lists as "files" whatever is not a folder
+            file = Path(folder, name)
+            rel = file.relative_to(root).as_posix()
+            try:
+                if not file.is_file():
+                    raise _unreadable(root, file, "is neither a folder nor a file (a broken link?)")
+                if _CHARACTER.match(rel):
+                    raise _corrupt(root, f"{rel} is a file, where a character folder belongs")
+                if name.endswith(".png"):
+                    crcs[rel] = zlib.crc32(file.read_bytes())
+            except OSError as e:
+                raise _unreadable(root, file, f"cannot be read ({e.strerror or e})") from e
+    return crcs
+
+
+def _unreadable(root: Path, entry: str | os.PathLike[str], why: str) -> DataError:
+    return DataError(
+        f"The Omniglot data at {root} cannot be read completely: {entry} {why}. Every folder "
+        "and PNG file of an extracted set must be readable, so that no character is left out: "
+        "fix its permissions (or the link), or replace the data with a fresh copy of the "
+        f"official release. {_HOW_TO_FIX}"
+    )
 
 
 def _check_layout(path: Path, crcs: dict[str, int]) -> dict[str, list[str]]:
@@ -356,7 +423,8 @@ def _fingerprint(sets: list[_ImageSet], image_size: int) -> str:
     for s in sets:
         h.update(s.name.encode())
         for rel in sorted(s.crcs):
-            h.update(f"\n{rel} {s.crcs[rel]:08x}".encode())
+            # surrogateescape: a folder name that is not UTF-8 reaches here as lone surrogates
+            h.update(f"\n{rel} {s.crcs[rel]:08x}".encode(errors="surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -364,24 +432,29 @@ def _fingerprint(sets: list[_ImageSet], image_size: int) -> str:
 # Preprocessing and the cache
 
 
+def _labels(characters: list[tuple[_ImageSet, str]]) -> dict[str, np.ndarray]:
+    """Every array of OmniglotArrays but the images, as stored in the cache: the index alone
+    determines them, so a cache file must hold exactly these."""
+    alphabets = list(dict.fromkeys(c.split("/")[0] for _, c in characters))
+    return {
+        "alphabet": np.array([alphabets.index(c.split("/")[0]) for _, c in characters], np.int32),
+        "background": np.array([s.name == SETS[0] for s, _ in characters], bool),
+        "alphabets": np.array(alphabets, dtype=str),
+        "characters": np.array([c for _, c in characters], dtype=str),
+    }
+
+
 def _preprocess(
     sets: list[_ImageSet], characters: list[tuple[_ImageSet, str]], image_size: int
-) -> OmniglotArrays:
+) -> np.ndarray:
     images = np.empty((len(characters), DRAWINGS, image_size, image_size), np.uint8)
-    alphabets = list(dict.fromkeys(c.split("/")[0] for _, c in characters))
     for s in sets:
         with _reader(s) as read:
             for row, (owner, char) in enumerate(characters):
                 if owner is s:
                     for j, rel in enumerate(s.drawings[char]):
                         images[row, j] = _decode(read, rel, s.path, image_size)
-    return OmniglotArrays(
-        images=images,
-        alphabet=np.array([alphabets.index(c.split("/")[0]) for _, c in characters], np.int32),
-        background=np.array([s.name == SETS[0] for s, _ in characters], bool),
-        alphabets=tuple(alphabets),
-        characters=tuple(c for _, c in characters),
-    )
+    return images
 
 
 @contextmanager
@@ -399,41 +472,75 @@ def _decode(read: Callable[[str], bytes], rel: str, path: Path, size: int) -> np
         if image.size != (size, size):
             image = image.resize((size, size), resample=Image.Resampling.LANCZOS)
         return 255 - np.asarray(image, np.uint8)  # ink bright, as the MAML reference feeds it
-    except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    except Exception as e:  # a bad CRC, an unsupported compression, PIL's errors of a bad PNG...
         raise _corrupt(path, f"{rel} does not decode as an image ({e})") from e
 
 
-def _read_cache(path: Path) -> OmniglotArrays:
-    with np.load(path, allow_pickle=False) as f:
-        return OmniglotArrays(
-            images=f["images"],
-            alphabet=f["alphabet"],
-            background=f["background"],
-            alphabets=tuple(str(a) for a in f["alphabets"]),
-            characters=tuple(str(c) for c in f["characters"]),
-        )
+def _cache_problem(
+    arrays: dict[str, np.ndarray], labels: dict[str, np.ndarray], shape: tuple[int, ...]
+) -> str | None:
+    """Why a cache file's arrays do not belong to the indexed data, or None when they do."""
+    images = arrays["images"]
+    if images.dtype != np.uint8 or images.shape != shape:
+        return f"its images are {images.dtype} {list(images.shape)}, not uint8 {list(shape)}"
+    for name, expected in labels.items():
+        if not identical(arrays[name], expected):
+            return f"its {name!r} array does not match the {shape[0]} characters of the data"
+    return None
 
 
-def _write_cache(path: Path, data: OmniglotArrays) -> None:
+def identical(found: np.ndarray, expected: np.ndarray) -> bool:
+    """Same dtype, shape and values: how a cache file's arrays are checked."""
+    return (
+        found.dtype == expected.dtype
+        and found.shape == expected.shape
+        and bool(np.all(found == expected))
+    )
+
+
+def read_cache_file(
+    path: Path,
+    names: Sequence[str],
+    problem: Callable[[dict[str, np.ndarray]], str | None],
+    source: str,
+) -> dict[str, np.ndarray] | None:
+    """The arrays `names` of a cache file metalearn wrote, or None when it must be (re)built.
+
+    `problem(arrays)` says why they do not fit what the source data holds (or None). A file
+    that fails to load or fails that check is never trusted: it is logged as rebuilt, and the
+    caller rebuilds it from `source` and writes it over the bad one. np.load's errors of a
+    damaged file are of many kinds (EOFError, ValueError, BadZipFile, OSError, ...), so any
+    exception counts; the zip CRC of each array, checked as it is read, catches flipped bytes.
+    """
+    try:
+        # Our own file object: np.load leaks the one it opens when the zip directory is bad.
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as f:
+            missing = [n for n in names if n not in f.files]
+            arrays = {n: f[n] for n in names if n in f.files}
+        why = f"it lacks the array {missing[0]!r}" if missing else problem(arrays)
+    except FileNotFoundError:
+        return None  # not built yet
+    except Exception as e:
+        why = f"it does not load ({type(e).__name__}: {e})"
+    if why is None:
+        return arrays
+    log.warning("Discarded the cache file %s, as %s; rebuilding it from %s.", path, why, source)
+    return None
+
+
+def write_cache_file(path: Path, arrays: dict[str, np.ndarray], what: str) -> None:
     """Write the arrays to `path` atomically, so readers never see a partial file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with temp_file_beside(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    images=data.images,
-                    alphabet=data.alphabet,
-                    background=data.background,
-                    alphabets=np.array(data.alphabets, dtype=str),
-                    characters=np.array(data.characters, dtype=str),
-                )
+                np.savez(f, **arrays)
             os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
             os.replace(tmp, path)
     except OSError as e:
         # A read-only cache only costs speed: the arrays are still correct.
         warnings.warn(
-            f"Could not cache Omniglot at {path} ({e}); it will be rebuilt next time.", stacklevel=3
+            f"Could not cache {what} at {path} ({e}); it will be rebuilt next time.", stacklevel=3
         )
 
 

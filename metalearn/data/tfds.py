@@ -7,7 +7,8 @@ that command. Every image is decoded with PIL, resized to S x S (LANCZOS, as for
 converted to RGB or grayscale and cached once as one uint8 array [classes, examples, S, S, C].
 Classes hold different numbers of examples, so the array is padded after each class's last
 example and `counts` says how many are real. The cache key hashes the prepared dataset's
-metadata (dataset_info.json, file names and sizes) with the preprocessing settings.
+metadata (dataset_info.json, file names and sizes) with the preprocessing settings; a cache file
+that fails to load, or whose arrays do not fit what the metadata and settings allow, is rebuilt.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import io
 import logging
 import os
 import time
-import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from metalearn.config import ConfigError, TfdsConfig
-from metalearn.data.omniglot import DataError, temp_file_beside
+from metalearn.data.omniglot import DataError, identical, read_cache_file, write_cache_file
 
 log = logging.getLogger("metalearn")
 
@@ -121,11 +120,27 @@ def load_tfds(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     slug = builder.info.full_name.replace("/", "-").replace(":", "-")
     cached = cache / f"{slug}-{image_size}px-{_fingerprint(builder, settings)}.npz"
-    if cached.is_file():
-        try:
-            return _read_cache(cached)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable cache file: rebuild it below
+    features = builder.info.features
+    expected = _Expected(
+        label=features[label_key],
+        examples=sum(builder.info.splits[s].num_examples for s in splits),
+        shape=(image_size, image_size, channels),
+        max_per_class=max_per_class,
+        superclass_names=tuple(features[superclass_key].names) if superclass_key else (),
+    )
+    source = f"the TFDS dataset {name} in {builder.data_dir}"
+    arrays = read_cache_file(
+        cached, TfdsArrays._fields, lambda a: _cache_problem(a, expected), source
+    )
+    if arrays is not None:
+        return TfdsArrays(
+            images=arrays["images"],
+            counts=arrays["counts"],
+            labels=arrays["labels"],
+            class_names=tuple(str(c) for c in arrays["class_names"]),
+            superclass=arrays["superclass"],
+            superclass_names=tuple(str(c) for c in arrays["superclass_names"]),
+        )
     started = time.perf_counter()
     log.info("preprocessing TFDS %s (%s) once into %s", name, "+".join(splits), cached)
     data = _preprocess(
@@ -403,21 +418,30 @@ def _preprocess(
     # The image bytes are decoded here with PIL: TFDS's own decoding is skipped.
     decoders = {image_key: tfds.decode.SkipDecoding()}
     for split in splits:
-        source = builder.as_data_source(split=split, decoders=decoders)
-        for i in range(len(source)):
+        try:
+            source = builder.as_data_source(split=split, decoders=decoders)
+            length = len(source)
+        except Exception as e:  # e.g. a missing shard file ("open() failed")
+            raise _damaged(name, builder, f"split {split!r}", e) from e
+        for i in range(length):
             if max_per_class and full == n_labels:
                 break
-            example = source[i]
-            label = int(example[label_key])
+            where = f"example {i} of split {split!r}"
+            try:  # a damaged shard shows up as any error of the record reader, or as None fields
+                example = source[i]
+                label = int(example[label_key])
+                group = -1 if superclass_key is None else int(example[superclass_key])
+                if not 0 <= label < n_labels:
+                    raise ValueError(f"label {label} is not one of its {n_labels} classes")
+            except Exception as e:
+                raise _damaged(name, builder, where, e) from e
             if max_per_class and len(examples[label]) >= max_per_class:
                 continue
-            where = f"example {i} of split {split!r}"
             examples[label].append(
                 _decode(example[image_key], image_size, channels, invert, name, where)
             )
             full += max_per_class > 0 and len(examples[label]) == max_per_class
             if superclass_key is not None:
-                group = int(example[superclass_key])
                 if superclass[label] not in (-1, group):
                     raise DataError(
                         f"{name}: class {label} has examples in two superclasses "
@@ -455,7 +479,7 @@ def _decode(raw: Any, size: int, channels: int, invert: bool, name: str, where: 
         if image.size != (size, size):
             image = image.resize((size, size), resample=Image.Resampling.LANCZOS)
         pixels = np.asarray(image, np.uint8)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # whatever PIL raises for bad bytes (OSError, SyntaxError, ...)
         raise DataError(
             f"The TFDS dataset {name} is corrupt: {where} does not decode as an image ({e}). "
             "Prepare it again (delete its folder first)."
@@ -465,38 +489,71 @@ def _decode(raw: Any, size: int, channels: int, invert: bool, name: str, where: 
     return pixels.reshape(size, size, channels)
 
 
-def _read_cache(path: Path) -> TfdsArrays:
-    with np.load(path, allow_pickle=False) as f:
-        return TfdsArrays(
-            images=f["images"],
-            counts=f["counts"],
-            labels=f["labels"],
-            class_names=tuple(str(c) for c in f["class_names"]),
-            superclass=f["superclass"],
-            superclass_names=tuple(str(c) for c in f["superclass_names"]),
-        )
-
-
 def _write_cache(path: Path, data: TfdsArrays) -> None:
-    """Write the arrays to `path` atomically, so readers never see a partial file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with temp_file_beside(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    images=data.images,
-                    counts=data.counts,
-                    labels=data.labels,
-                    class_names=np.array(data.class_names, dtype=str),
-                    superclass=data.superclass,
-                    superclass_names=np.array(data.superclass_names, dtype=str),
-                )
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
-            os.replace(tmp, path)
-    except OSError as e:
-        # A read-only cache only costs speed: the arrays are still correct.
-        warnings.warn(f"Could not cache {path.name} ({e}); it is rebuilt next time.", stacklevel=3)
+    arrays = {
+        **data._asdict(),
+        "class_names": np.array(data.class_names, dtype=str),
+        "superclass_names": np.array(data.superclass_names, dtype=str),
+    }
+    write_cache_file(path, arrays, "the TFDS arrays")
+
+
+def _damaged(name: str, builder: Any, where: str, e: Exception) -> DataError:
+    return DataError(
+        f"The TFDS dataset {name} in {builder.data_dir} is damaged: {where} cannot be read "
+        f"({type(e).__name__}: {e}). Prepare it again (delete its folder first)."
+    )
+
+
+class _Expected(NamedTuple):
+    """What the dataset's metadata and the settings say a cache file must fit."""
+
+    label: Any  # the ClassLabel feature
+    examples: int  # in the splits read
+    shape: tuple[int, int, int]  # of one image: S, S, C
+    max_per_class: int
+    superclass_names: tuple[str, ...]
+
+
+def _cache_problem(a: dict[str, np.ndarray], expected: _Expected) -> str | None:
+    """Why a cache file's arrays cannot be what preprocessing gives, or None if they can be."""
+    labels, counts, images = a["labels"], a["counts"], a["images"]
+    n_labels = expected.label.num_classes
+    if (
+        labels.dtype != np.int32
+        or labels.ndim != 1
+        or not 0 < len(labels) <= n_labels
+        or labels[0] < 0
+        or labels[-1] >= n_labels
+        or np.any(np.diff(labels) <= 0)
+    ):
+        return f"its labels are not ascending ids of the dataset's {n_labels} classes"
+    n = len(labels)
+    cap = expected.max_per_class or expected.examples
+    if counts.dtype != np.int32 or counts.shape != (n,) or counts.min() < 1 or counts.max() > cap:
+        return f"its counts are not {n} int32 numbers of examples from 1 to {cap}"
+    # Without max_per_class every example is kept, so none (and no class) may be missing.
+    kept = int(counts.sum())
+    if kept > expected.examples or (not expected.max_per_class and kept != expected.examples):
+        return f"its {n} classes hold {kept} examples, but the splits read hold {expected.examples}"
+    shape = (n, int(counts.max()), *expected.shape)
+    if images.dtype != np.uint8 or images.shape != shape:
+        return f"its images are {images.dtype} {list(images.shape)}, not uint8 {list(shape)}"
+    names = np.array([expected.label.int2str(int(c)) for c in labels], dtype=str)
+    if not identical(a["class_names"], names):
+        return "its class names are not those of its labels"
+    groups, n_groups = a["superclass"], len(expected.superclass_names)
+    if (
+        groups.dtype != np.int32
+        or groups.shape != (n,)
+        or not (  # -1 when no superclass feature was read
+            groups.min() >= 0 and groups.max() < n_groups if n_groups else np.all(groups == -1)
+        )
+    ):
+        return "its superclass ids are not those of the superclass feature"
+    if not identical(a["superclass_names"], np.array(expected.superclass_names, dtype=str)):
+        return "its superclass names are not those of the superclass feature"
+    return None
 
 
 def _rows_named(
