@@ -131,10 +131,10 @@ def _hydra_train_task(dcfg) -> float | None:
         from metalearn.train import prepare, train
 
         session = prepare(cfg, run, resume)  # every check, before anything is written
+        run.remove_stale_temps()  # what a killed write left behind
         if resume and _already_complete(run, session):
             log.info("%s is complete; nothing to do (raise train.steps to go on)", run.path)
             return _objective(json.loads((run.path / "summary.json").read_text()))
-        run.remove_stale_temps()
         _write_run_config(run, hydra_cfg, cfg, overrides)
         written = True
         handler = _log_handler(run)
@@ -373,10 +373,26 @@ def _write_run_config(run, hydra_cfg, cfg, overrides: list[str]) -> None:
     run.write_text(".hydra/overrides.yaml", OmegaConf.to_yaml(overrides))
 
 
+class _RunLogHandler(logging.StreamHandler):
+    """train.log. A line that cannot be written (a full disk) is dropped instead of printing
+    logging's traceback: the next checkpoint write fails with the one-paragraph error."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+        super().close()
+
+
 def _log_handler(run) -> logging.Handler:
     if not run.primary:
         return logging.NullHandler()
-    handler = logging.StreamHandler(run.open_append("train.log"))
+    handler = _RunLogHandler(run.open_append("train.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     return handler
 

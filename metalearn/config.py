@@ -820,6 +820,11 @@ def from_yaml_with_overrides(saved: DictConfig | dict, overrides: list[str]) -> 
         merged = OmegaConf.merge(base, _drop_unknown(base, saved, ""))
         with open_dict(merged):  # unknown keys reach the schema check, which names them
             for key, value in parse_overrides(overrides):
+                _require(
+                    not isinstance(OmegaConf.select(merged, key), DictConfig),
+                    f"{key}={value} is not allowed: {key} is a group of settings, and the run "
+                    f"keeps its own choice; set one of its keys instead ({key}.KEY=VALUE).",
+                )
                 OmegaConf.update(merged, key, value, merge=False, force_add=True)
     except OmegaConfBaseException as error:
         raise ConfigError(f"The configuration does not fit the schema: {error}") from None

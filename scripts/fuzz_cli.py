@@ -224,13 +224,13 @@ def _other_shapes(arrays: dict) -> dict:
 
 
 def _drop_last_leaf(arrays: dict) -> dict:
-    leaves = sorted((k for k in arrays if k.startswith("leaf_")), key=lambda k: int(k[5:]))
-    arrays.pop(leaves[-1])
+    arrays.pop(sorted(k for k in arrays if k != "meta")[-1])  # keys: tree paths (or leaf_N)
     return arrays
 
 
 def _object_leaf(arrays: dict) -> dict:
-    arrays["leaf_0"] = np.array([{"x": 1}, None], dtype=object)  # needs pickle to load
+    first = sorted(k for k in arrays if k != "meta")[0]
+    arrays[first] = np.array([{"x": 1}, None], dtype=object)  # needs pickle to load
     return arrays
 
 

@@ -397,3 +397,15 @@ def test_memory_check_says_what_asks_for_the_memory():
     check_fits(1024, "A small step", "1 task")
     with pytest.raises(ConfigError, match=r"A huge step needs about .* GiB.*: 9 tasks\. Lower"):
         check_fits(2 * available_bytes(), "A huge step", "9 tasks")
+
+
+@pytest.mark.parametrize("override", ["algo=reptile", "train=3"])
+def test_eval_overrides_set_keys_not_groups(override):
+    from dataclasses import asdict
+
+    from metalearn.config import from_yaml_with_overrides
+
+    saved = asdict(to_config(compose_config([])))
+    with pytest.raises(ConfigError, match="is a group of settings"):
+        from_yaml_with_overrides(saved, [override])
+    assert from_yaml_with_overrides(saved, ["train.steps=3"]).train.steps == 3
