@@ -219,7 +219,7 @@ def test_run_killed_before_its_first_checkpoint_restarts(finished, env, tmp_path
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     """The default run directory is named by the second: a second run takes the next name."""
-    from metalearn.cli import _plan
+    from metalearn.run_plan import plan
 
     base = tmp_path / "outputs" / "12-00-00_maml_sinusoid"
     hydra_cfg = types.SimpleNamespace(
@@ -227,13 +227,13 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
         overrides=types.SimpleNamespace(hydra=[], task=[]),
     )
     dcfg = compose_config([])
-    first, _, _ = _plan(dcfg, hydra_cfg, RunDir(base), [])  # holds the lock, as while training
-    second, _, _ = _plan(dcfg, hydra_cfg, RunDir(base), [])
+    first, _, _ = plan(dcfg, hydra_cfg, RunDir(base), [])  # holds the lock, as while training
+    second, _, _ = plan(dcfg, hydra_cfg, RunDir(base), [])
     assert first.path == base and second.path == base.with_name(base.name + "_1")
     second.unlock()
     (base / "summary.json").write_text("{}")  # the first has finished
     first.unlock()
-    third, _, _ = _plan(dcfg, hydra_cfg, RunDir(base), [])
+    third, _, _ = plan(dcfg, hydra_cfg, RunDir(base), [])
     assert third.path == base.with_name(base.name + "_1")
 
 
