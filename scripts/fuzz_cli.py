@@ -26,7 +26,7 @@ an uninterrupted run, a concurrent run refused without saying "in use".
 
 The table and totals are written as Markdown to --out. Exit code 1 if any case failed.
 
-Run (from the repository root, in its venv; ~20 min on 2 cores; mounts tmpfs, so run as root):
+Run from the repository root, in its venv, as root (it mounts tmpfs); about 11 minutes here:
 
     . .venv/bin/activate
     python scripts/fuzz_cli.py                      # the working tree's code
@@ -1762,6 +1762,10 @@ class Harness:
                 ["git", "-C", str(REPO), "archive", args.rev], capture_output=True, check=True
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+            self.rev_id = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", args.rev],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
             env["PYTHONPATH"] = str(code)  # ahead of the editable install's finder
         self.env = env
 
@@ -1967,8 +1971,8 @@ def write_markdown(path: Path, rows: list[Row], h: Harness, elapsed: float, done
     lines = [
         "# metalearn CLI fuzz results" + ("" if done else " (partial)"),
         "",
-        f"- code under test: `{h.code}`"
-        + (f" (git revision `{h.args.rev}`)" if h.args.rev else ""),
+        "- code under test: "
+        + (f"git revision `{h.args.rev}` = `{h.rev_id}`" if h.args.rev else "the working tree"),
         f"- command: `{' '.join(['python', 'scripts/fuzz_cli.py', *sys.argv[1:]])}`",
         f"- wall time: {elapsed / 60:.1f} min",
         "- in commands: "
