@@ -145,6 +145,7 @@ def test_regression_algorithms_run_on_sinusoid(algo_name):
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_finetune_freeze_and_layer_decay():
     exp = image_experiment("finetune", MLPConfig(hidden=16, layers=3))
     cfg = FinetuneConfig(inner_lr=0.1, inner_steps=3, layer_decay=0.5, freeze=1, reinit_head=True)

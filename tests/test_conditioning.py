@@ -102,6 +102,7 @@ def test_film_with_a_zero_descriptor_is_the_unconditioned_model():
     )
 
 
+@pytest.mark.slow
 def test_separate_networks_share_no_parameters():
     model = build("separate")
     params = model.init(KEY, N_OUT)
@@ -112,6 +113,7 @@ def test_separate_networks_share_no_parameters():
         assert float(jnp.abs(leaf[0]).max()) == 0 and float(jnp.abs(leaf[2]).max()) == 0
 
 
+@pytest.mark.slow
 def test_mmoe_gates_mix_shared_experts():
     model = build("mmoe", experts=2)
     params = model.init(KEY, N_OUT)

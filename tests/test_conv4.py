@@ -337,6 +337,7 @@ def test_maml_meta_gradient_matches_reference(first_order):
     close(ours[1], ref[1], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_first_order_differs_from_second_order():
     so, fo = meta_grads(False)[0][1], meta_grads(True)[0][1]
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, (so, fo))))
