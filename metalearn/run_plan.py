@@ -187,5 +187,4 @@ def remove_empty_folders(path: Path) -> None:
 
 
 def run_overrides(run) -> list[str]:
-
     return list(read_run_yaml(run.path / ".hydra" / "overrides.yaml") or [])
