@@ -84,6 +84,9 @@ def main() -> None:
     except BrokenPipeError:  # `metalearn compare ... | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and says how)
+        print("metalearn: interrupted.", file=sys.stderr)
+        sys.exit(130)
 
 
 def _main() -> None:
