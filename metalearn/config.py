@@ -674,7 +674,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 500  # validate every this many steps (and at the end)
+    every: int = 1000  # validate every this many steps (and at the end)
     num_tasks: int = 600  # meta-test tasks, drawn from a fixed key
     val_tasks: int = 100  # meta-val tasks per validation
     inner_steps: int | None = None  # adaptation steps at test time; None: as in training
