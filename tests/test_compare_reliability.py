@@ -332,7 +332,7 @@ def test_hostile_run_directories_end_in_no_traceback(tmp_path, capsys):
     assert (
         "not a regular file" in rows["fifo"] and "not a regular file" in rows["summary_is_a_folder"]
     )
-    assert "holds YAML aliases" in rows["yaml_aliases"]
+    assert "uses YAML aliases" in rows["yaml_aliases"]
     assert "test.per_task is not an object" in rows["per_task_list"]
     assert "test.worst is not an object" in rows["worst_list"]
     assert "not valid JSON" in rows["deeply_nested"] and "not valid JSON" in rows["digits"]
