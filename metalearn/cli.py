@@ -7,7 +7,6 @@ run directory and the sweep goes on.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metalearn import run_plan
 from metalearn.config import ConfigError, register_schemas
+from metalearn.errors import ArgumentParser, fail
 
 USAGE = """usage: metalearn COMMAND ...
 
@@ -61,18 +61,6 @@ def machine_error(error: BaseException) -> str | None:
     return None
 
 
-def fail(message: str) -> None:
-    print(f"metalearn: error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its usage errors reported as every metalearn error is."""
-
-    def error(self, message: str) -> None:
-        fail(f"{self.prog}: {message}. `{self.prog} --help` lists the arguments.")
-
-
 def quiet_jax_probe() -> None:
     # JAX probes for a TPU on import and logs its absence as a warning; that is noise on a CPU.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
@@ -104,7 +92,7 @@ def _main() -> None:
     elif command == "eval":
         eval_command(rest)
     elif command == "compare":
-        from metalearn.compare import compare_command
+        from metalearn.reports.compare import compare_command
 
         compare_command(rest)
     else:
@@ -284,16 +272,28 @@ def eval_command(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    parser.add_argument(
+        "--no-save",
+        dest="save",
+        action="store_false",
+        help="print the result without writing it to RUN_DIR/evals/ (nothing in RUN_DIR is "
+        "written, so a read-only run can be evaluated)",
+    )
     args = parser.parse_args(argv)
     try:
-        result = evaluate_run(args.run_dir, args.overrides, args.split, args.checkpoint)
+        result = evaluate_run(
+            args.run_dir, args.overrides, args.split, args.checkpoint, save=args.save
+        )
     except Exception as error:
         fail(_message(error))
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
-def evaluate_run(run_dir: str, overrides: list[str], split: str, checkpoint: str) -> dict:
-    """Evaluate a checkpoint and write the result to RUN_DIR/evals/; nothing else is written."""
+def evaluate_run(
+    run_dir: str, overrides: list[str], split: str, checkpoint: str, save: bool = True
+) -> dict:
+    """Evaluate a checkpoint and write the result to RUN_DIR/evals/, nothing else; with
+    save=False nothing at all is written, so the run directory may be read-only."""
     from metalearn.evaluate import make_evaluator
     from metalearn.rundir import RunDir
     from metalearn.train import restore
@@ -301,7 +301,8 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str, checkpoint: str
     run = RunDir(run_dir)
     run.check_folder()
     exp, params, meta = restore(run_dir, overrides, checkpoint)
-    run.check_writable("evals")  # before the work, so a result is never computed and lost
+    if save:
+        run.check_writable("evals")  # before the work, so a result is never computed and lost
     cfg = exp.cfg
     evaluate = make_evaluator(
         exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
@@ -318,6 +319,8 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str, checkpoint: str
         split: metrics,
         "eval_time_s": round(time.perf_counter() - started, 3),
     }
+    if not save:
+        return result
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     name, n = f"{stamp}_{split}", 1
     while (run.path / "evals" / f"{name}.json").exists():  # two evals in the same second

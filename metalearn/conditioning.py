@@ -24,14 +24,52 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.config import INDEXED_CONDITIONINGS, ConditioningConfig, ConfigError, ModelConfig
-from metalearn.models import make_model
+from metalearn import registry
+from metalearn.checks import ConfigError, choice, width
+from metalearn.models import ModelConfig, make_model
+from metalearn.models.groups import HEAD, OTHER, partition, prune
+
+CONDITIONINGS = ("none", "concat", "additive", "multihead", "film", "mmoe", "separate")
+
+
+# Conditionings that pick per-task parameters by the task's index (the others read a vector z).
+INDEXED_CONDITIONINGS = ("multihead", "mmoe", "separate")
+
+
+@dataclass
+class ConditioningConfig:
+    """How a task descriptor z conditions the model f(y | x, z) (metalearn/conditioning.py)."""
+
+    name: str = "none"
+    descriptor: str = "onehot"  # onehot task id | embedding (a learned vector per task)
+    embedding_dim: int = 8  # size of the learned embedding
+
+    def __post_init__(self) -> None:
+        choice("conditioning.name", self.name, CONDITIONINGS)
+        choice("conditioning.descriptor", self.descriptor, ("onehot", "embedding"))
+        width("conditioning.embedding_dim", self.embedding_dim)
+
+
+@dataclass
+class MMoEConfig(ConditioningConfig):
+    """Multi-gate mixture of experts: shared expert trunks, one softmax gate and head per task."""
+
+    name: str = "mmoe"
+    experts: int = 4  # shared experts
+    expert_hidden: int = 0  # width of each expert's trunk; 0 means the model's width
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        width("conditioning.experts", self.experts)
+        width("conditioning.expert_hidden", self.expert_hidden, minimum=0)
+
 
 VECTOR_CONDITIONINGS = ("none", "concat", "additive", "film")
 
@@ -42,6 +80,9 @@ class ConditionedModel(NamedTuple):
     # (params, x, z [z_dim]) -> outputs, for a descriptor the caller computes; None when the
     # conditioning picks parameters by task index (multihead, mmoe, separate).
     apply_vector: Callable[[dict, jax.Array, jax.Array], jax.Array] | None
+    # params -> group labels: the shared trunk's leaves get the model's own labels ("blocks.<i>",
+    # "head"), every per-task or conditioning leaf "other" (all "other" without a shared trunk).
+    groups: Callable[[dict], Any]
 
 
 def make_conditioned_model(
@@ -92,7 +133,15 @@ def make_conditioned_model(
             return apply_core(params, x, task_id)
         return apply_core(params, x, descriptor(params, task_id))
 
-    return ConditionedModel(init, apply, None if by_index else apply_core)
+    trunk_groups = make_model(model_cfg, input_shape).groups
+
+    def groups(params):
+        labels = jax.tree.map(lambda _: OTHER, params)
+        if isinstance(params, dict) and "model" in params:  # the builders' shared trunk
+            labels = {**labels, "model": trunk_groups(params["model"])}
+        return labels
+
+    return ConditionedModel(init, apply, None if by_index else apply_core, groups)
 
 
 def make_vector_conditioned_model(
@@ -116,10 +165,6 @@ def make_vector_conditioned_model(
             f"{[c for c in VECTOR_CONDITIONINGS if c != 'none']} (none means {default})."
         )
     return make_conditioned_model(cfg, model_cfg, input_shape, z_dim=z_dim)
-
-
-def _head(params, feats):
-    return feats @ params["w"] + params["b"]
 
 
 def _none(cfg, model_cfg, input_shape, n_tasks, z_dim):
@@ -177,8 +222,7 @@ def _hooked(cfg, model_cfg, input_shape, n_tasks, z_dim, film: bool):
                 return h * (1.0 + gamma) + beta
             return h + shift
 
-        feats = model.embed(params["model"], x, hook)
-        return _head(params["model"]["head"], feats)
+        return model.head(params["model"], model.embed(params["model"], x, hook))
 
     return init, apply, False
 
@@ -194,14 +238,19 @@ def _film(*args):
 def _multihead(cfg, model_cfg, input_shape, n_tasks, z_dim):
     model = make_model(model_cfg, input_shape)
 
+    def split_head(params):
+        return partition(params, jax.tree.map(lambda g: g == HEAD, model.groups(params)))
+
     def init(key, n_out):
-        params = model.init(key, n_out)
-        heads = jax.vmap(lambda k: model.init(k, n_out)["head"])(jax.random.split(key, n_tasks))
-        return {"model": {"blocks": params["blocks"]}, "heads": heads}
+        trunk = prune(split_head(model.init(key, n_out))[1])
+        heads = jax.vmap(lambda k: prune(split_head(model.init(k, n_out))[0]))(
+            jax.random.split(key, n_tasks)
+        )
+        return {"model": trunk, "heads": heads}
 
     def apply(params, x, task_id):
         head = jax.tree.map(lambda h: h[task_id], params["heads"])
-        return _head(head, model.embed(params["model"], x))
+        return model.head(head, model.embed(params["model"], x))
 
     return init, apply, True
 
@@ -221,23 +270,33 @@ def _separate(cfg, model_cfg, input_shape, n_tasks, z_dim):
 
 def _mmoe(cfg, model_cfg, input_shape, n_tasks, z_dim):
     if cfg.expert_hidden:
-        model_cfg = type(model_cfg)(**{**vars(model_cfg), "hidden": cfg.expert_hidden})
+        if not hasattr(model_cfg, "hidden"):
+            raise ConfigError(
+                f"conditioning.expert_hidden={cfg.expert_hidden} sets the width of model="
+                f"{model_cfg.name}, which has no model.hidden; use conditioning.expert_hidden=0."
+            )
+        model_cfg = dataclasses.replace(model_cfg, hidden=cfg.expert_hidden)
     model = make_model(model_cfg, input_shape)
     in_features = int(np.prod(input_shape))
 
+    def split_head(params):
+        return partition(params, jax.tree.map(lambda g: g == HEAD, model.groups(params)))
+
     def init(key, n_out):
         k_exp, k_gate, k_head = jax.random.split(key, 3)
-        experts = jax.vmap(lambda k: model.init(k, n_out))(jax.random.split(k_exp, cfg.experts))
-        heads = jax.vmap(lambda k: model.init(k, n_out)["head"])(jax.random.split(k_head, n_tasks))
+        experts = jax.vmap(lambda k: model.init(k, None))(jax.random.split(k_exp, cfg.experts))
+        heads = jax.vmap(lambda k: prune(split_head(model.init(k, n_out))[0]))(
+            jax.random.split(k_head, n_tasks)
+        )
         gates = jax.nn.initializers.lecun_normal()(k_gate, (n_tasks, in_features, cfg.experts))
-        return {"experts": {"blocks": experts["blocks"]}, "gates": gates, "heads": heads}
+        return {"experts": experts, "gates": gates, "heads": heads}
 
     def apply(params, x, task_id):
         feats = jax.vmap(lambda p: model.embed(p, x))(params["experts"])  # [E, B, D]
         gate = jax.nn.softmax(x.reshape(x.shape[0], -1) @ params["gates"][task_id], -1)  # [B, E]
         mixed = jnp.einsum("be,ebd->bd", gate, feats)
         head = jax.tree.map(lambda h: h[task_id], params["heads"])
-        return _head(head, mixed)
+        return model.head(head, mixed)
 
     return init, apply, True
 
@@ -251,3 +310,12 @@ _BUILDERS = {
     "separate": _separate,
     "mmoe": _mmoe,
 }
+
+
+for _name in CONDITIONINGS:
+    registry.register(
+        "conditioning",
+        _name,
+        MMoEConfig if _name == "mmoe" else ConditioningConfig,
+        _BUILDERS[_name],
+    )

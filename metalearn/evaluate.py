@@ -13,16 +13,6 @@ from metalearn.data import TaskSource
 from metalearn.task_chunks import auto_chunk_for
 from metalearn.types import Algorithm
 
-
-def episode_metrics(algo: Algorithm, loss_fn: LossFn, params, task, key, inner_steps: int):
-    """The query loss and metrics after adapting to the support set: shared by training and test,
-    so meta-test adaptation cannot drift from what training optimised."""
-    if algo.evaluate_task is not None:
-        return algo.evaluate_task(params, task, key, inner_steps)
-    task_params = algo.adapt(params, task.support, key, inner_steps)
-    return loss_fn(algo.predict(params, task_params, task.query.x), task.query.y)
-
-
 # eval.batch=null: at most this many tasks at once (the fixed default before it was automatic);
 # evaluation draws hundreds of tasks, far more than a training meta-batch.
 MAX_AUTO_EVAL_BATCH = 50
@@ -50,7 +40,7 @@ def make_evaluator(
         def one(i):
             k_task, k_adapt = jax.random.split(jax.random.fold_in(base_key, i))
             task = draw(k_task, arrays, i)
-            return episode_metrics(algo, loss_fn, params, task, k_adapt, inner_steps)[1]
+            return algo.evaluate(params, task, k_adapt, inner_steps)[1]
 
         size = batch
         if size is None:  # as a training step's chunk (metalearn/task_chunks.py), capped

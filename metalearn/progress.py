@@ -1,12 +1,15 @@
-"""Where metrics go while a run trains: metrics.jsonl, the log, a progress bar, TensorBoard."""
+"""Where metrics go while a run trains: metrics.jsonl, the log, a progress bar, a logger."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
+from typing import Any
 
+from metalearn.loggers import LOGGERS, Logger
 from metalearn.rundir import RunDir
 
 log = logging.getLogger("metalearn")
@@ -16,7 +19,9 @@ class Reporter:
     """Records every metric in metrics.jsonl (the contract), and shows it.
 
     The progress bar (steps/s, ETA, latest train and val metrics) draws only on a terminal and
-    with progress=true; TensorBoard event files are written under tensorboard/ when asked.
+    with progress=true. `logger` names a backend of metalearn.loggers (TensorBoard, wandb,
+    MLflow), opened with `config` (the run's Config, or a dict); one that fails is dropped with
+    a warning, and metrics.jsonl goes on.
     """
 
     def __init__(
@@ -27,7 +32,8 @@ class Reporter:
         start_step: int,
         elapsed_s: float,
         progress: bool = True,
-        tensorboard: bool = False,
+        logger: str = "jsonl",
+        config: Any = None,
     ):
         from tqdm import tqdm
 
@@ -42,11 +48,12 @@ class Reporter:
         )
         self.postfix: dict[str, str] = {}
         self.window = (time.perf_counter(), 0)
-        self.writer = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(run.inside("tensorboard")))
+        self.logger_name = logger
+        self.logger: Logger | None = None
+        if run.primary:  # one process of a multi-host job writes the run
+            if dataclasses.is_dataclass(config):
+                config = dataclasses.asdict(config)
+            self._call_logger("start", lambda: LOGGERS[logger].open(run, dict(config or {})))
 
     @property
     def elapsed_s(self) -> float:
@@ -67,13 +74,8 @@ class Reporter:
         metrics = {k: float(v) for k, v in metrics.items() if k not in nested}
         record = {"step": step, "split": split, "elapsed_s": round(self.elapsed_s, 3)}
         self.run.log_metrics({**record, **metrics, **nested})
-        if self.writer is not None:
-            for name, value in metrics.items():
-                self.writer.add_scalar(f"{split}/{name}", value, step)
-            for task, values in nested.get("per_task", {}).items():
-                for name, value in values.items():
-                    self.writer.add_scalar(f"{split}_tasks/{name}/{task}", value, step)
-            self.writer.flush()
+        if self.logger is not None:
+            self._call_logger("log", lambda: self.logger.log(step, split, {**metrics, **nested}))
         text = format_metrics(metrics)
         if "worst" in nested:
             worst = dict(nested["worst"])
@@ -95,12 +97,33 @@ class Reporter:
         try:
             with logging_redirect_tqdm(loggers=[logging.getLogger()]):
                 yield self
+        except BaseException:
+            self.close(failed=True)  # the logger's run ends as failed, not left open
+            raise
         finally:
             self.bar.close()
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, failed: bool = False) -> None:
+        logger, self.logger = self.logger, None
+        if logger is not None:
+            self._call_logger("close", lambda: logger.close(failed))
+
+    def _call_logger(self, action: str, call) -> None:
+        """Run a call into the logger's backend; if it fails, warn once and drop the logger."""
+        try:
+            result = call()
+        except Exception as error:  # a third-party package: any failure is possible
+            logger, self.logger = self.logger, None
+            log.warning(
+                "logger=%s failed to %s (%s: %s); this run's metrics go on to metrics.jsonl only.",
+                self.logger_name, action, type(error).__name__, " ".join(str(error).split()),
+            )  # fmt: skip
+            if logger is not None:
+                with contextlib.suppress(Exception):
+                    logger.close(failed=True)
+            return
+        if action == "start":
+            self.logger = result
 
 
 def format_metrics(metrics: dict) -> str:

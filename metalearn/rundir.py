@@ -207,12 +207,12 @@ class RunDir:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def load_checkpoint(self, name: str, template: Any) -> tuple[Any, dict]:
-        """Restore a checkpoint into the structure of `template` (a freshly initialised tree).
+    def read_arrays(self, name: str) -> dict[str, np.ndarray]:
+        """A checkpoint's arrays keyed by tree path (jax.tree_util.keystr), for reading part of
+        another run's parameters without rebuilding it (init_from)."""
+        return self._read_checkpoint(name)[0]
 
-        Arrays are matched to the template by tree path and checked for shape and dtype, so a
-        checkpoint can never load into the wrong parameters; a damaged file is a RunDirError.
-        """
+    def _read_checkpoint(self, name: str) -> tuple[dict[str, np.ndarray], dict]:
         path = self.path / "checkpoints" / f"{name}.npz"
         if not path.exists():
             raise RunDirError(f"{path} does not exist: the run has no '{name}' checkpoint.")
@@ -227,6 +227,16 @@ class RunDir:
                 f"The checkpoint {path} is damaged and cannot be read ({_reason(error)}). "
                 f"{_CHECKPOINT_ADVICE[name]}"
             ) from None
+        return stored, meta
+
+    def load_checkpoint(self, name: str, template: Any) -> tuple[Any, dict]:
+        """Restore a checkpoint into the structure of `template` (a freshly initialised tree).
+
+        Arrays are matched to the template by tree path and checked for shape and dtype, so a
+        checkpoint can never load into the wrong parameters; a damaged file is a RunDirError.
+        """
+        path = self.path / "checkpoints" / f"{name}.npz"
+        stored, meta = self._read_checkpoint(name)
         flat, treedef = jax.tree_util.tree_flatten_with_path(template)
         wanted = [(jax.tree_util.keystr(p), leaf) for p, leaf in flat]
         if stored and all(LEGACY_LEAF.match(k) for k in stored):

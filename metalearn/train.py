@@ -16,11 +16,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metalearn.algorithms import ALGORITHMS
+from metalearn import registry
 from metalearn.algorithms.base import LossFn, task_loss_fn
 from metalearn.config import Config, ConfigError
 from metalearn.data import TaskSource, make_task_source
-from metalearn.evaluate import episode_metrics, make_evaluator
+from metalearn.evaluate import make_evaluator
 from metalearn.memory import check_fits, compiled_bytes, tree_bytes
 from metalearn.models import Model, make_model
 from metalearn.progress import Reporter
@@ -42,8 +42,7 @@ class TrainState(NamedTuple):
 
 
 def initial_state(exp: Experiment, params) -> TrainState:
-    algo_state = exp.algo.init_state() if exp.algo.init_state else ()
-    return TrainState(params, exp.optimizer.init(params), algo_state)
+    return TrainState(params, exp.optimizer.init(params), exp.algo.objective.init_state())
 
 
 class Experiment(NamedTuple):
@@ -70,7 +69,7 @@ def build(cfg: Config) -> Experiment:
     source = make_task_source(cfg.data)
     model = make_model(cfg.model, source.input_shape)
     loss_fn = task_loss_fn(source.kind)
-    algo = ALGORITHMS[cfg.algo.name](
+    algo = registry.make_of("algo", cfg.algo)(
         cfg.algo,
         model,
         loss_fn,
@@ -79,24 +78,7 @@ def build(cfg: Config) -> Experiment:
         config=cfg,
         source=source,
     )
-    if cfg.algo.name == "reptile":
-        # Reptile's outer step size is annealed linearly to 0, as in the paper.
-        schedule = optax.linear_schedule(cfg.train.outer_lr, 0.0, cfg.train.steps)
-        optimizer = optax.sgd(schedule)
-    else:
-        optimizer = optax.adam(cfg.train.outer_lr)
-    if algo.update_scale is not None:
-        optimizer = optax.chain(optimizer, scale_updates(algo.update_scale))
-    return Experiment(cfg, source, model, algo, loss_fn, optimizer)
-
-
-def scale_updates(scale_of) -> optax.GradientTransformation:
-    """Multiply each step by a per-leaf factor (after Adam, whose steps ignore gradient scale)."""
-
-    def update(updates, state, params=None):
-        return jax.tree.map(lambda u, f: u * f, updates, scale_of(updates)), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return Experiment(cfg, source, model, algo, loss_fn, algo.optimizer(cfg.train))
 
 
 def task_mesh(meta_batch: int) -> Mesh | None:
@@ -120,7 +102,6 @@ def task_mesh(meta_batch: int) -> Mesh | None:
 def make_train_step(
     exp: Experiment,
     meta_batch: int,
-    inner_steps: int,
     mesh: Mesh | None = None,
     task_chunk: int | None = None,
 ):
@@ -128,7 +109,8 @@ def make_train_step(
 
     This is the single place where the per-task maths is vmapped over the meta-batch; with a
     mesh, the task axis is sharded over its devices. Each device walks its tasks in chunks of
-    `task_chunk` (None: auto_task_chunk), a chunk at a time.
+    `task_chunk` (None: auto_task_chunk), a chunk at a time. Every algorithm takes this one path:
+    its objective gets the batch and `task_mean`, the chunked mean gradient of a per-task loss.
     """
     algo = exp.algo
     n_devices = 1 if mesh is None else mesh.size
@@ -144,33 +126,27 @@ def make_train_step(
             return tree
         return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P("tasks")))
 
-    per_task_loss = algo.meta_loss or (
-        lambda p, task, key, step: episode_metrics(algo, exp.loss_fn, p, task, key, inner_steps)
-    )
-
-    def chunk_gradient(params, chunk, step):
-        tasks, keys = chunk
-        if algo.meta_gradient is not None:
-            grads, metrics = jax.vmap(algo.meta_gradient, (None, 0, 0))(params, tasks, keys)
-            return jax.tree.map(lambda g: g.mean(0), grads), metrics
-
-        def mean_loss(p):
-            losses, metrics = jax.vmap(per_task_loss, (None, 0, 0, None))(p, tasks, keys, step)
-            return losses.mean(), metrics
-
-        (_, metrics), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-        return grads, metrics
-
-    def batch_gradient(params, algo_state, tasks, keys, step):
-        if algo.batch_gradient is not None:
-            return algo.batch_gradient(params, algo_state, tasks, keys, step)
+    def task_mean_gradient(params, tasks, keys):
+        """task_mean for the objective: the mean gradient of loss(params, task, key) over the
+        batch, walked in chunks of tasks."""
         per_device = meta_batch // n_devices
         one_task = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tasks)
         chunk = task_chunk or auto_chunk_for(per_device, one_task)
-        grads, metrics = mean_over_chunks(
-            lambda p, c: chunk_gradient(p, c, step), params, (tasks, keys), chunk * n_devices
-        )
-        return grads, algo_state, metrics
+
+        def task_mean(loss):
+            def chunk_gradient(p, chunk_batch):
+                chunk_tasks, chunk_keys = chunk_batch
+
+                def mean_loss(p):
+                    losses, metrics = jax.vmap(loss, (None, 0, 0))(p, chunk_tasks, chunk_keys)
+                    return losses.mean(), metrics
+
+                (_, metrics), grads = jax.value_and_grad(mean_loss, has_aux=True)(p)
+                return grads, metrics
+
+            return mean_over_chunks(chunk_gradient, params, (tasks, keys), chunk * n_devices)
+
+        return task_mean
 
     def train_step(state: TrainState, arrays, key, step=0):
         """`step` (the 1-based training step) is for algorithms whose objective has a schedule."""
@@ -180,8 +156,13 @@ def make_train_step(
             jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(task_keys)
         )
         algo_keys = over_tasks(jax.random.split(k_algo, meta_batch))
-        grads, algo_state, metrics = batch_gradient(
-            state.params, state.algo_state, tasks, algo_keys, step
+        grads, algo_state, metrics = algo.objective.gradient(
+            state.params,
+            state.algo_state,
+            tasks,
+            algo_keys,
+            step,
+            task_mean_gradient(state.params, tasks, algo_keys),
         )
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -211,8 +192,11 @@ def load_run_config(run: RunDir, overrides: list[str] = ()) -> Config:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value; got {bad}.")
+    data = literal(data)
+    if isinstance(data.get("logger"), str):
+        data["logger"] = "jsonl"  # a saved run is read, never logged to: no backend is needed
     try:
-        return from_yaml_with_overrides(literal(data), list(overrides))
+        return from_yaml_with_overrides(data, list(overrides))
     except ConfigError as error:
         raise ConfigError(f"{error} (in {saved} with the overrides {list(overrides)})") from None
 
@@ -287,9 +271,7 @@ def prepare(cfg: Config, run: RunDir, resume: bool = False) -> Session:
     train_arrays = exp.source.splits["train"]
     if mesh is not None:  # parameters, optimiser state and data are replicated on every device
         state, train_arrays = jax.device_put((state, train_arrays), NamedSharding(mesh, P()))
-    step_fn = make_train_step(
-        exp, cfg.train.meta_batch, getattr(cfg.algo, "inner_steps", 0), mesh, cfg.train.task_chunk
-    )
+    step_fn = make_train_step(exp, cfg.train.meta_batch, mesh, cfg.train.task_chunk)
     started = time.perf_counter()
     compiled = step_fn.lower(state, train_arrays, train_key, 1).compile()
     check_fits(compiled_bytes(compiled), "One training step", _step_sizes(exp, n_params))
@@ -336,7 +318,8 @@ def train(session: Session, run: RunDir) -> dict:
         start_step=progress["step"],
         elapsed_s=progress["elapsed_s"],
         progress=cfg.progress,
-        tensorboard=cfg.logger == "tensorboard",
+        logger=cfg.logger,
+        config=cfg,  # the Reporter makes it a dict (dataclasses.asdict) for the logger
     )
 
     def save_latest(step: int) -> None:

@@ -26,35 +26,42 @@ class Task(NamedTuple):
     task_id: jax.Array  # int32 scalar; used by multi-task conditioning
 
 
+class Objective(NamedTuple):
+    """What the train step differentiates for a batch of tasks, and what it carries between steps.
+
+    init_state() -> state (e.g. a multi-task weighting's loss history; () when none)
+    gradient(params, state, tasks, keys, step, task_mean) -> (grads, state, metrics)
+        tasks and keys carry a leading task axis. task_mean(loss) -> (grads, metrics) is the
+        step's own per-task path: the mean gradient over the batch of loss(params, task, key),
+        chunked and sharded as the step is; most objectives are just that
+        (algorithms/base.py::mean_task_loss), and those that couple tasks use the batch directly.
+    """
+
+    init_state: Callable[[], Any]
+    gradient: Callable[..., tuple[Params, Any, Metrics]]
+
+
 class Algorithm(NamedTuple):
-    """Per-task maths of a learner, as pure functions (no optimizer, loop or I/O).
+    """A learner: per-task maths as pure functions, the objective it is trained by and the
+    optimizer that applies its updates (build one with algorithms/base.py::make_algorithm).
 
     init(key) -> meta_params
     adapt(meta_params, support, key, inner_steps) -> task_params   (sees the support set only)
     predict(meta_params, task_params, x) -> predictions
-    meta_loss(meta_params, task, key, step) -> (loss, metrics): the training objective for one
-        task at training step `step`; None means the episodic loss of predict(adapt(support))
-        on the query set.
-    meta_gradient(meta_params, task, key) -> (update direction, metrics): for learners such as
-        Reptile whose outer update is not the gradient of a loss; None means grad of meta_loss.
+    meta_loss(meta_params, task, key, step) -> (loss, metrics): the training loss of one task at
+        training step `step`, whose gradient is the update direction (a surrogate with that
+        gradient for learners such as Reptile, whose direction is not a loss's gradient).
+    evaluate(meta_params, task, key, inner_steps) -> (loss, metrics): the task's test metrics.
+    objective: how the per-task losses become the batch's gradient (Objective).
+    optimizer(train_cfg) -> optax.GradientTransformation for the outer updates.
     global_labels: train on tasks labelled with split-wide class indices (pre-training).
-    Learners whose objective couples the tasks of a batch (multi-task weighting) replace the
-    per-task path with:
-    batch_gradient(meta_params, algo_state, tasks, keys, step) -> (grads, algo_state, metrics),
-        algo_state being what the objective carries between steps (init_state() at step 0);
-    evaluate_task(meta_params, task, key, inner_steps) -> (loss, metrics): the task's test
-        metrics, for learners that need the task's id rather than adapt/predict.
-    update_scale(updates) -> a tree of factors for the optimizer's steps (fine-tuning's frozen
-        and layer-wise learning rates).
     """
 
     init: Callable[[jax.Array], Params]
     adapt: Callable[..., Params]
     predict: Callable[[Params, Params, jax.Array], jax.Array]
-    meta_loss: Callable[..., tuple[jax.Array, Metrics]] | None = None
-    meta_gradient: Callable[[Params, Task, jax.Array], tuple[Params, Metrics]] | None = None
+    meta_loss: Callable[..., tuple[jax.Array, Metrics]]
+    evaluate: Callable[..., tuple[jax.Array, Metrics]]
+    objective: Objective
+    optimizer: Callable[[Any], Any]
     global_labels: bool = False
-    batch_gradient: Callable[..., tuple[Params, Any, Metrics]] | None = None
-    init_state: Callable[[], Any] | None = None
-    evaluate_task: Callable[..., tuple[jax.Array, Metrics]] | None = None
-    update_scale: Callable[[Params], Params] | None = None

@@ -64,8 +64,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from metalearn.config import ConfigError, MultitaskConfig
+from metalearn.checks import ConfigError
 from metalearn.types import Params
+
+WEIGHTINGS = ("uniform", "static", "uncertainty", "dwa", "minmax", "pcgrad")
 
 State = Any  # a pytree of arrays
 
@@ -264,7 +266,7 @@ def _pcgrad(max_present: int | None) -> Callable[..., tuple]:
     return gradient
 
 
-def make_weighting(cfg: MultitaskConfig, n_tasks: int, max_present: int | None = None) -> Weighting:
+def make_weighting(cfg, n_tasks: int, max_present: int | None = None) -> Weighting:
     """The weighting cfg.weighting over n_tasks tasks, of which at most max_present (default all)
     are in one step; bad task_weights raise ConfigError here."""
 

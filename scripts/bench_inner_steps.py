@@ -83,7 +83,7 @@ def measure(job: dict) -> dict:
     params = exp.algo.init(jax.random.PRNGKey(cfg.seed))
     state = TrainState(params, exp.optimizer.init(params))
     arrays = exp.source.splits["train"]
-    step_fn = make_train_step(exp, cfg.train.meta_batch, cfg.algo.inner_steps)
+    step_fn = make_train_step(exp, cfg.train.meta_batch)
     key = jax.random.PRNGKey(1)
 
     t0 = time.perf_counter()

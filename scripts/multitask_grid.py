@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from metalearn.compare import load_run  # noqa: E402
-from metalearn.config import CONDITIONINGS, WEIGHTINGS  # noqa: E402
-from metalearn.transfer_report import write_report  # noqa: E402
+from metalearn.conditioning import CONDITIONINGS  # noqa: E402
+from metalearn.reports.runs import load_run  # noqa: E402
+from metalearn.reports.transfer import write_report  # noqa: E402
+from metalearn.weighting import WEIGHTINGS  # noqa: E402
 
 
 def multirun(out: Path, data: str, steps: int, conditionings, weightings, extra) -> None:

@@ -11,16 +11,20 @@ import optax
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import regression_loss
-from metalearn.config import MAMLConfig
+from metalearn.algorithms.maml import MAMLConfig
 from metalearn.data import TaskSource
 from metalearn.models import Model
+from metalearn.models.groups import label_by_names
 from metalearn.train import Experiment
 from metalearn.types import Split, Task
 
 LINEAR = Model(
     init=lambda key, n_out: {"blocks": [], "head": {"w": jax.random.normal(key, (3, n_out))}},
     apply=lambda p, x: x @ p["head"]["w"],
-    embed=lambda p, x: x,
+    embed=lambda p, x, hook=None: x,
+    head=lambda p, feats: feats @ p["head"]["w"],
+    groups=label_by_names,
+    input_shape=(3,),
 )
 
 

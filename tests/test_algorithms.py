@@ -9,22 +9,16 @@ import pytest
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import classification_loss
-from metalearn.algorithms.finetune import layerwise_lrs
-from metalearn.config import (
-    SCHEMAS,
-    ConditioningConfig,
-    Config,
-    Conv4Config,
-    EvalConfig,
-    FinetuneConfig,
-    MLPConfig,
-    SinusoidConfig,
-    TrainConfig,
-)
+from metalearn.algorithms.finetune import FinetuneConfig, layerwise_lrs
+from metalearn.conditioning import ConditioningConfig
+from metalearn.config import Config, EvalConfig, TrainConfig, schemas
 from metalearn.data import TaskSource
 from metalearn.data.episodic import sample_episode
+from metalearn.data.sinusoid import SinusoidConfig
 from metalearn.evaluate import make_evaluator
 from metalearn.models import make_model
+from metalearn.models.conv4 import Conv4Config
+from metalearn.models.mlp import MLPConfig
 from metalearn.train import Experiment, TrainState, build, make_train_step
 
 KEY = jax.random.PRNGKey(0)
@@ -58,7 +52,7 @@ def image_experiment(algo_name: str, model_cfg=None) -> Experiment:
     source = image_source()
     model_cfg = model_cfg or Conv4Config(hidden=8)
     model = make_model(model_cfg, source.input_shape)
-    algo_cfg = SCHEMAS["algo"][algo_name]()
+    algo_cfg = schemas("algo")[algo_name]()
     if algo_name == "reptile":
         algo_cfg.inner_optimizer, algo_cfg.inner_lr = "sgd", 0.1
     elif algo_name in ("mamlpp", "imaml"):  # fewer inner steps than the papers: a quick test
@@ -92,8 +86,8 @@ def test_every_algorithm_learns_a_tiny_image_task(algo_name):
     exp = image_experiment(algo_name)
     params = exp.algo.init(KEY)
     state = TrainState(params, exp.optimizer.init(params))
-    inner = getattr(SCHEMAS["algo"][algo_name](), "inner_steps", 0)
-    step = make_train_step(exp, meta_batch=4, inner_steps=min(inner, 2))
+    inner = getattr(schemas("algo")[algo_name](), "inner_steps", 0)
+    step = make_train_step(exp, meta_batch=4)
     evaluate = make_evaluator(exp.algo, exp.source, exp.loss_fn, min(inner, 5), batch=20)
     before = evaluate(state.params, "test", 200, 1)
     losses = []
@@ -120,7 +114,7 @@ def test_regression_algorithms_run_on_sinusoid(algo_name):
         "finetune": {"inner_lr": 0.002},
         "imaml": {"inner_lr": 0.01},
     }
-    algo_cfg = SCHEMAS["algo"][algo_name](**tuned.get(algo_name, {}))
+    algo_cfg = schemas("algo")[algo_name](**tuned.get(algo_name, {}))
     if algo_name == "finetune":
         algo_cfg.reinit_head = False
     cfg = Config(
@@ -136,7 +130,7 @@ def test_regression_algorithms_run_on_sinusoid(algo_name):
     exp = build(cfg)
     params = exp.algo.init(KEY)
     state = TrainState(params, exp.optimizer.init(params))
-    step = make_train_step(exp, meta_batch=8, inner_steps=algo_cfg.inner_steps)
+    step = make_train_step(exp, meta_batch=8)
     evaluate = make_evaluator(exp.algo, exp.source, exp.loss_fn, 5, batch=50)
     before = evaluate(state.params, "test", 100, 1)["loss"]
     for i in range(2000):

@@ -5,16 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.config import (
-    AmortizedConfig,
-    ConditioningConfig,
-    Config,
-    EvalConfig,
-    MLPConfig,
-    SinusoidConfig,
-    TrainConfig,
-)
+from metalearn.algorithms.amortized import AmortizedConfig
+from metalearn.conditioning import ConditioningConfig
+from metalearn.config import Config, EvalConfig, TrainConfig
+from metalearn.data.sinusoid import SinusoidConfig
 from metalearn.evaluate import make_evaluator
+from metalearn.models.mlp import MLPConfig
 from metalearn.train import build, initial_state, make_train_step
 
 KEY = jax.random.PRNGKey(0)
@@ -55,7 +51,7 @@ def test_support_order_does_not_matter_but_its_targets_do(conditioning):
 def test_amortized_learner_fits_sinusoids_from_the_support_set():
     exp = experiment()
     state = initial_state(exp, exp.algo.init(KEY))
-    step = make_train_step(exp, meta_batch=8, inner_steps=0)
+    step = make_train_step(exp, meta_batch=8)
     evaluate = make_evaluator(exp.algo, exp.source, exp.loss_fn, 0, batch=50)
     before = evaluate(state.params, "test", 100, 1)["loss"]
     for i in range(1500):

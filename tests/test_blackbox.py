@@ -15,11 +15,13 @@ from helpers import metalearn
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import classification_loss
-from metalearn.algorithms.blackbox import make_core
-from metalearn.config import BlackBoxConfig, ConfigError, Conv4Config, MLPConfig
+from metalearn.algorithms.blackbox import BlackBoxConfig, make_core
+from metalearn.config import ConfigError
 from metalearn.data import TaskSource
 from metalearn.data.episodic import sample_episode
 from metalearn.models import make_model
+from metalearn.models.conv4 import Conv4Config
+from metalearn.models.mlp import MLPConfig
 from metalearn.train import Experiment, TrainState, make_train_step
 from metalearn.types import Split, Task
 
@@ -180,7 +182,7 @@ def test_every_core_learns_to_classify_from_the_support_set(core):
     exp = Experiment(None, source, model, algo, classification_loss, optax.adam(3e-3))
     params = algo.init(KEY)
     state = TrainState(params, exp.optimizer.init(params))
-    step = make_train_step(exp, meta_batch=16, inner_steps=0)
+    step = make_train_step(exp, meta_batch=16)
     for i in range(1000):
         state, _ = step(state, (), jax.random.fold_in(KEY, i))
 

@@ -9,19 +9,14 @@ import pytest
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import regression_loss
-from metalearn.config import (
-    CAVIAConfig,
-    ConditioningConfig,
-    Config,
-    ConfigError,
-    EvalConfig,
-    MLPConfig,
-    SinusoidConfig,
-    TrainConfig,
-)
+from metalearn.algorithms.cavia import CAVIAConfig
+from metalearn.conditioning import ConditioningConfig
+from metalearn.config import Config, ConfigError, EvalConfig, TrainConfig
 from metalearn.data import make_task_source
+from metalearn.data.sinusoid import SinusoidConfig
 from metalearn.evaluate import make_evaluator
 from metalearn.models import make_model
+from metalearn.models.mlp import MLPConfig
 from metalearn.train import build, initial_state, make_train_step
 
 KEY = jax.random.PRNGKey(0)
@@ -76,7 +71,7 @@ def test_context_step_is_one_sgd_step_on_the_support_loss():
 def test_cavia_learns_sinusoids():
     exp = build(sinusoid_config(steps=1500))
     state = initial_state(exp, exp.algo.init(KEY))
-    step = make_train_step(exp, meta_batch=8, inner_steps=2)
+    step = make_train_step(exp, meta_batch=8)
     evaluate = make_evaluator(exp.algo, exp.source, exp.loss_fn, 2, batch=50)
     before = evaluate(state.params, "test", 100, 1)["loss"]
     for i in range(1500):

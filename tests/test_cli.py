@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -151,6 +155,59 @@ def test_eval_reproduces_training_test_metric(sinusoid_run, env, tmp_path):
     summary = json.loads((sinusoid_run / "summary.json").read_text())
     out = json.loads(metalearn(["eval", str(sinusoid_run)], env, tmp_path).stdout)
     assert out["test"]["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)
+
+
+def tree_state(path: Path) -> dict:
+    """Every file's hash and every entry's inode and mtime: a file replaced with the same bytes,
+    a folder made, or a temporary file made and deleted all show."""
+    state = {}
+    for p in sorted([path, *path.rglob("*")]):
+        info = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        state[str(p.relative_to(path))] = (digest, info.st_ino, info.st_mtime_ns)
+    return state
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` with every write permission removed (chmod a-w). Root writes through permissions,
+    so as root the folder is also bind-mounted read-only over itself, where that is allowed."""
+    entries = [path, *path.rglob("*")]
+    for p in entries:
+        p.chmod(p.stat().st_mode & ~0o222)
+    mounted = False
+    if os.geteuid() == 0:
+        bind = ["mount", "--bind", "-o", "ro", str(path), str(path)]
+        mounted = subprocess.run(bind, capture_output=True).returncode == 0
+    try:
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+        for p in entries:
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_eval_no_save_prints_and_writes_nothing_in_a_read_only_run(sinusoid_run, env, tmp_path):
+    run = shutil.copytree(sinusoid_run, tmp_path / "received")
+    summary = json.loads((run / "summary.json").read_text())
+    with read_only(run):
+        before = tree_state(run)
+        result = metalearn(["eval", str(run), "--no-save"], env, tmp_path)
+        after = tree_state(run)
+    out = json.loads(result.stdout)
+    assert out["split"] == "test" and out["test"]["num_tasks"] == 30
+    assert out["test"]["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)
+    assert after == before  # no result in evals/, no folder or temporary file made
+
+
+def test_eval_help_names_no_save(capsys):
+    from metalearn.cli import eval_command
+
+    with pytest.raises(SystemExit) as exit_:
+        eval_command(["--help"])
+    assert exit_.value.code == 0
+    assert "--no-save" in capsys.readouterr().out
 
 
 def corrupt_copy(root: Path, dest: Path) -> Path:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from metalearn.compare import compare_command, load_run
+from metalearn.reports.compare import compare_command
+from metalearn.reports.runs import load_run
 from metalearn.rundir import find_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -236,7 +237,7 @@ def test_non_finite_metric_is_ranked_last_and_marked(tmp_path, capsys, objective
     assert f"no test {objective}" in rows["missing"]
     assert "is nan" not in rows["high"] + rows["low"]
 
-    from metalearn.plots import metrics_bar_figure
+    from metalearn.reports.plots import metrics_bar_figure
 
     runs = [load_run(p) for p in find_runs([str(tmp_path)])]
     assert metrics_bar_figure(runs)[1] == 2, "only finite metrics get a bar"

@@ -5,16 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.conditioning import make_conditioned_model
-from metalearn.config import (
+from metalearn.conditioning import (
     CONDITIONINGS,
     ConditioningConfig,
-    ConfigError,
-    Conv4Config,
-    MLPConfig,
     MMoEConfig,
+    make_conditioned_model,
 )
+from metalearn.config import ConfigError
 from metalearn.models import make_model
+from metalearn.models.conv4 import Conv4Config
+from metalearn.models.mlp import MLPConfig
 
 T, N_OUT = 3, 4
 MLP = MLPConfig(hidden=8, layers=2)
@@ -72,14 +72,14 @@ def test_parameter_shapes():
     # concat: the first layer reads the input and the one-hot id
     assert shapes("concat")["model"]["blocks"][0]["w"] == (5 + T, 8)
     multihead = shapes("multihead")
-    assert multihead["heads"] == {"w": (T, 8, N_OUT), "b": (T, N_OUT)}
+    assert multihead["heads"] == {"head": {"w": (T, 8, N_OUT), "b": (T, N_OUT)}}
     assert "head" not in multihead["model"]
     separate = jax.tree.leaves(build("separate").init(KEY, N_OUT)["tasks"])
     assert all(leaf.shape[0] == T for leaf in separate)
     mmoe = shapes("mmoe", experts=2, expert_hidden=3)
     assert mmoe["experts"]["blocks"][0]["w"] == (2, 5, 3)
     assert mmoe["gates"] == (T, 5, 2)
-    assert mmoe["heads"] == {"w": (T, 3, N_OUT), "b": (T, N_OUT)}
+    assert mmoe["heads"] == {"head": {"w": (T, 3, N_OUT), "b": (T, N_OUT)}}
 
 
 def test_concat_is_the_model_on_the_concatenated_input():

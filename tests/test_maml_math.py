@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -11,17 +13,18 @@ import pytest
 from helpers import LINEAR, linear_maml_experiment, linear_task
 
 from metalearn.algorithms import ALGORITHMS
-from metalearn.algorithms.base import regression_loss
+from metalearn.algorithms.base import regression_loss, task_gradient
+from metalearn.algorithms.maml import MAMLConfig
 from metalearn.algorithms.protonet import prototypes, squared_distance_logits
-from metalearn.config import MAMLConfig, ReptileConfig
+from metalearn.algorithms.reptile import ReptileConfig
 from metalearn.train import TrainState, make_train_step
 
 KEY = jax.random.PRNGKey(0)
 
 
-def step_gradient(exp, params, inner_steps=1):
+def step_gradient(exp, params):
     """Minus the update of one shared train step (SGD, rate 1): the meta-gradient it follows."""
-    step = make_train_step(exp, meta_batch=1, inner_steps=inner_steps)
+    step = make_train_step(exp, meta_batch=1)
     state = TrainState(params, exp.optimizer.init(params))
     new, _ = step(jax.tree.map(jnp.copy, state), (), KEY)
     return jax.tree.map(lambda a, b: a - b, params, new.params)
@@ -136,13 +139,15 @@ def test_reptile_update_is_mean_of_adapted_minus_initial():
         adapted.append(v)
     want = jnp.mean(jnp.stack(adapted), 0) - w
 
-    grads, _ = jax.vmap(algo.meta_gradient, (None, 0, 0))(params, batch, jax.random.split(KEY, 3))
+    grads, _ = jax.vmap(partial(task_gradient, algo), (None, 0, 0))(
+        params, batch, jax.random.split(KEY, 3)
+    )
     update = -jax.tree.map(lambda g: g.mean(0), grads)["head"]["w"]
     np.testing.assert_allclose(update, want, rtol=1e-5, atol=1e-6)
 
     # Through the shared train step with Reptile's SGD at outer rate 1, params land on the mean.
     exp = linear_maml_experiment(tasks[0])._replace(algo=algo, optimizer=optax.sgd(1.0))
-    step = make_train_step(exp, meta_batch=1, inner_steps=4)
+    step = make_train_step(exp, meta_batch=1)
     new, _ = step(TrainState(jax.tree.map(jnp.copy, params), exp.optimizer.init(params)), (), KEY)
     np.testing.assert_allclose(new.params["head"]["w"], adapted[0], rtol=1e-5, atol=1e-6)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import metalearn
 
-from metalearn.config import CONDITIONINGS
+from metalearn.conditioning import CONDITIONINGS
 from metalearn.train import restore
 from metalearn.weighting import pairwise_distance_penalty
 
@@ -140,8 +140,8 @@ def test_bad_multitask_input_is_one_clear_paragraph(args, message, tmp_path, env
 @pytest.mark.slow
 def test_mmoe_and_separate_train_on_images():
     """The index-selected conditionings work on a conv model (vmapped over tasks in one step)."""
-    from metalearn.conditioning import make_conditioned_model
-    from metalearn.config import ConditioningConfig, Conv4Config, MMoEConfig
+    from metalearn.conditioning import ConditioningConfig, MMoEConfig, make_conditioned_model
+    from metalearn.models.conv4 import Conv4Config
 
     for name in ("mmoe", "separate", "multihead"):
         cfg = MMoEConfig(experts=2) if name == "mmoe" else ConditioningConfig(name=name)

@@ -11,17 +11,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omniglot_fixture import make_omniglot_zips
 
-from metalearn.config import (
-    ConfigError,
-    MultiSinusoidConfig,
-    OmniglotAlphabetsConfig,
-    register_schemas,
-    to_config,
-)
+from metalearn.config import ConfigError, register_schemas, to_config
 from metalearn.data import SPLITS, make_task_source
-from metalearn.data.multi_sinusoid import task_parameters
+from metalearn.data.multi_sinusoid import MultiSinusoidConfig, task_parameters
 from metalearn.data.omniglot import OmniglotArrays, load_omniglot
 from metalearn.data.omniglot_alphabets import (
+    OmniglotAlphabetsConfig,
     alphabet_arrays,
     sample_alphabet_task,
     select_alphabets,

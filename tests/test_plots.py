@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from metalearn.compare import load_run, table
-from metalearn.plots import (
+from metalearn.reports.plots import (
     learning_curves_figure,
     metrics_bar_figure,
     plot_learning_curves,
     plot_test_metrics,
     run_labels,
 )
+from metalearn.reports.runs import load_run
+from metalearn.reports.table import table
 from metalearn.rundir import find_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -206,7 +207,7 @@ def test_labels_fall_back_to_folder_names(tmp_path):
 
 def test_compare_without_plot_does_not_import_matplotlib(runs_root, tmp_path):
     code = (
-        "import sys; from metalearn.compare import compare_command; "
+        "import sys; from metalearn.reports.compare import compare_command; "
         f"compare_command([{str(runs_root)!r}]); "
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     )

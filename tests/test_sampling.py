@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.config import MAMLConfig, MLPConfig, SinusoidConfig
+from metalearn.algorithms.maml import MAMLConfig
 from metalearn.data.episodic import sample_episode
-from metalearn.data.sinusoid import sample_sinusoid
+from metalearn.data.sinusoid import SinusoidConfig, sample_sinusoid
+from metalearn.models.mlp import MLPConfig
 from metalearn.train import TrainState, build, make_train_step
 
 KEY = jax.random.PRNGKey(0)
@@ -103,7 +104,7 @@ def test_train_step_jit_matches_eager_and_does_not_recompile():
     exp = small_experiment()
     params = exp.algo.init(KEY)
     state = TrainState(params, exp.optimizer.init(params))
-    step = make_train_step(exp, meta_batch=4, inner_steps=1)
+    step = make_train_step(exp, meta_batch=4)
     jitted_state, jitted_metrics = step(jax.tree.map(jnp.copy, state), (), KEY)
     with jax.disable_jit():
         eager_state, eager_metrics = step(jax.tree.map(jnp.copy, state), (), KEY)

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.slow  # starts a process with 4 simulated devices
 
 SCRIPT = r"""
 import json, jax, jax.numpy as jnp
-from metalearn.config import Config, EvalConfig, MAMLConfig, MLPConfig, SinusoidConfig, TrainConfig
+from metalearn.config import Config, EvalConfig, TrainConfig
+from metalearn.algorithms.maml import MAMLConfig
+from metalearn.models.mlp import MLPConfig
+from metalearn.data.sinusoid import SinusoidConfig
 from metalearn.train import TrainState, build, make_train_step, task_mesh
 
 cfg = Config(data=SinusoidConfig(), model=MLPConfig(), conditioning=None,
@@ -26,7 +29,7 @@ runs = (("single", None, None), ("sharded", task_mesh(8), None), ("chunked", tas
 for name, mesh, chunk in runs:
     params = exp.algo.init(key)
     state = TrainState(params, exp.optimizer.init(params))
-    step = make_train_step(exp, 8, 1, mesh, task_chunk=chunk)
+    step = make_train_step(exp, 8, mesh, task_chunk=chunk)
     losses = []
     for i in range(20):
         state, metrics = step(state, (), jax.random.fold_in(key, i))

@@ -25,7 +25,7 @@ def test_chunked_step_equals_whole_batch_step(algo_name):
     deltas, losses = {}, {}
     for chunk in (4, 2):
         state = TrainState(jax.tree.map(np.array, params), exp.optimizer.init(params))
-        step = make_train_step(exp, meta_batch=4, inner_steps=1, task_chunk=chunk)
+        step = make_train_step(exp, meta_batch=4, task_chunk=chunk)
         new, metrics = step(state, exp.source.splits["train"], KEY)
         deltas[chunk] = jax.tree.map(lambda a, b: np.asarray(a) - b, new.params, params)
         losses[chunk] = float(metrics["loss"])
@@ -59,4 +59,4 @@ def test_task_chunk_must_divide_the_meta_batch():
         TrainConfig(meta_batch=32, task_chunk=5)
     exp = image_experiment("maml")
     with pytest.raises(ConfigError, match=r"train.task_chunk=3 must divide"):
-        make_train_step(exp, meta_batch=4, inner_steps=1, task_chunk=3)
+        make_train_step(exp, meta_batch=4, task_chunk=3)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from omniglot_fixture import make_omniglot_zips
 
-from metalearn.config import ConfigError, OmniglotConfig
+from metalearn.config import ConfigError
 from metalearn.data import SPLITS, make_task_source
+from metalearn.data.omniglot import OmniglotConfig
 
 
 @pytest.fixture(scope="module")

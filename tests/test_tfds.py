@@ -23,11 +23,12 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from metalearn.config import ConfigError, TfdsConfig  # noqa: E402
+from metalearn.config import ConfigError  # noqa: E402
 from metalearn.data import make_task_source  # noqa: E402
 from metalearn.data import tfds as tfds_data  # noqa: E402
 from metalearn.data.episodic import sample_episode  # noqa: E402
 from metalearn.data.omniglot import DataError, load_omniglot  # noqa: E402
+from metalearn.data.tfds import TfdsConfig  # noqa: E402
 
 # CIFAR-100's class hierarchy (20 superclasses of 5 classes), the fixture's label names.
 CIFAR100 = {
@@ -533,7 +534,8 @@ def test_presets_compose_and_reload_from_a_saved_config(preset):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from metalearn.config import TFDS_DATA, from_yaml_with_overrides, register_schemas, to_config
+    from metalearn.config import from_yaml_with_overrides, register_schemas, to_config
+    from metalearn.data.tfds import TFDS_DATA
 
     assert set(PRESETS) == set(TFDS_DATA)
     register_schemas()

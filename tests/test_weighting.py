@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.config import ConfigError, MultitaskConfig
+from metalearn.algorithms.multitask import MultitaskConfig
+from metalearn.config import ConfigError
 from metalearn.weighting import (
     make_weighting,
     pairwise_distance_penalty,

@@ -1,30 +1,12 @@
-"""Algorithm registry: name -> make(cfg, model, loss_fn, n_out, n_train_classes) -> Algorithm."""
+"""The learners: each module of this package defines one (or a family), with its schema, and
+registers it (metalearn/registry.py); `ALGORITHMS` is the name -> make view of them."""
 
 from __future__ import annotations
 
-from metalearn.algorithms import (
-    amortized,
-    blackbox,
-    cavia,
-    finetune,
-    imaml,
-    maml,
-    multitask,
-    protonet,
-    reptile,
-)
 
-ALGORITHMS = {
-    "maml": maml.make,
-    "anil": maml.make,
-    "metasgd": maml.make,
-    "mamlpp": maml.make,
-    "imaml": imaml.make,
-    "cavia": cavia.make,
-    "amortized": amortized.make,
-    "reptile": reptile.make,
-    "finetune": finetune.make,
-    "protonet": protonet.make,
-    "blackbox": blackbox.make,
-    "multitask": multitask.make,
-}
+def __getattr__(name: str):
+    if name == "ALGORITHMS":
+        from metalearn import registry
+
+        return {option: o.make for option, o in registry.options("algo").items()}
+    raise AttributeError(name)

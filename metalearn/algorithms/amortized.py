@@ -13,15 +13,32 @@ is one forward pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from metalearn.algorithms.base import LossFn
+from metalearn import registry
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm
 from metalearn.algorithms.protonet import prototypes, squared_distance_logits
+from metalearn.checks import width
 from metalearn.conditioning import make_vector_conditioned_model
-from metalearn.config import AmortizedConfig
 from metalearn.models import Model
 from metalearn.types import Algorithm
+
+
+@dataclass
+class AmortizedConfig(AlgoConfig):
+    conditioned: ClassVar[bool] = True
+
+    name: str = "amortized"
+    context_dim: int = 32  # size of the task representation h
+    encoder_hidden: int = 64  # hidden units of the per-example encoder MLP
+
+    def __post_init__(self) -> None:
+        width("algo.context_dim", self.context_dim)
+        width("algo.encoder_hidden", self.encoder_hidden)
 
 
 def make(
@@ -42,8 +59,7 @@ def make(
 
     def init(key):
         k_pred, k_trunk, k1, k2 = jax.random.split(key, 4)
-        trunk = model.init(k_trunk, 1)
-        del trunk["head"]
+        trunk = model.init(k_trunk, None)
         feats = model.embed(trunk, jnp.zeros((1, *source.input_shape))).shape[-1]
         labels = n_out if classification else source.n_out
         dense = jax.nn.initializers.lecun_normal()
@@ -74,4 +90,7 @@ def make(
             predictor.apply_vector(meta_params["predictor"], x, h), protos
         )
 
-    return Algorithm(init=init, adapt=adapt, predict=predict)
+    return make_algorithm(init, adapt, predict, loss_fn)
+
+
+registry.register("algo", "amortized", AmortizedConfig, make)

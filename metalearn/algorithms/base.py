@@ -1,17 +1,111 @@
-"""What every algorithm shares: the task loss, the inner SGD loop, and the episodic meta-loss."""
+"""What every algorithm shares: its schema's base, the task loss, the inner SGD loop, and the
+episodic objective that `make_algorithm` gives a learner unless it brings its own."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import optax
+from omegaconf import MISSING
 
-from metalearn.types import Metrics, Params, Split
+from metalearn.types import Algorithm, Metrics, Objective, Params, Split
 
 LossFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Metrics]]
+
+
+@dataclass
+class AlgoConfig:
+    """Base of every algorithm's schema. Its capabilities, which the shared checks read
+    (metalearn/config.py::check_combination), are class variables:
+
+    kinds: the data kinds it learns from ("classification", "regression");
+    multitask_data: trains one model on a fixed set of tasks with ids (multi-task data), not
+        on a task distribution;
+    conditioned: feeds a task descriptor through the conditioning group.
+    An algorithm's own cross-group rules go in `check_with(config)`.
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    multitask_data: ClassVar[bool] = False
+    conditioned: ClassVar[bool] = False
+
+    name: str = MISSING
+
+    def __post_init__(self) -> None:
+        pass
+
+    def check_with(self, config: Any) -> None:
+        """Checks against the other groups' settings (the typed top-level config)."""
+
+
+def make_algorithm(
+    init: Callable,
+    adapt: Callable,
+    predict: Callable,
+    loss_fn: LossFn,
+    *,
+    meta_loss: Callable | None = None,
+    evaluate: Callable | None = None,
+    objective: Objective | None = None,
+    optimizer: Callable | None = None,
+    global_labels: bool = False,
+) -> Algorithm:
+    """An Algorithm from a learner's init/adapt/predict; by default it is trained on the query
+    loss after adapting to the support set (the same function it is tested by, so meta-test
+    adaptation cannot drift from what training optimised), by Adam on the mean over tasks."""
+
+    def episodic(params, task, key, inner_steps):
+        task_params = adapt(params, task.support, key, inner_steps)
+        return loss_fn(predict(params, task_params, task.query.x), task.query.y)
+
+    def episodic_loss(params, task, key, step=0):
+        task_params = adapt(params, task.support, key)  # the training number of inner steps
+        return loss_fn(predict(params, task_params, task.query.x), task.query.y)
+
+    meta_loss = meta_loss or episodic_loss
+    return Algorithm(
+        init=init,
+        adapt=adapt,
+        predict=predict,
+        meta_loss=meta_loss,
+        evaluate=evaluate or episodic,
+        objective=objective or mean_task_loss(meta_loss),
+        optimizer=optimizer or adam,
+        global_labels=global_labels,
+    )
+
+
+def adam(train_cfg) -> optax.GradientTransformation:
+    return optax.adam(train_cfg.outer_lr)
+
+
+def mean_task_loss(meta_loss: Callable) -> Objective:
+    """The objective of most learners: the mean over the batch of each task's meta_loss."""
+
+    def gradient(params, state, tasks, keys, step, task_mean):
+        grads, metrics = task_mean(lambda p, task, key: meta_loss(p, task, key, step))
+        return grads, state, metrics
+
+    return Objective(init_state=lambda: (), gradient=gradient)
+
+
+def direction_loss(params: Params, direction: Params) -> jax.Array:
+    """A surrogate loss whose gradient with respect to params is `direction` (held constant), for
+    learners whose update direction is not the gradient of a loss (Reptile, iMAML): they then
+    take the same gradient path, chunking and sharding as every other learner."""
+    products = jax.tree.map(lambda p, d: jnp.vdot(p, jax.lax.stop_gradient(d)), params, direction)
+    return sum(jax.tree.leaves(products))
+
+
+def task_gradient(algo: Algorithm, params: Params, task, key, step=0) -> tuple[Params, Metrics]:
+    """One task's update direction and metrics: the gradient of its meta_loss."""
+    grads, metrics = jax.grad(lambda p: algo.meta_loss(p, task, key, step), has_aux=True)(params)
+    return grads, metrics
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, Metrics]:

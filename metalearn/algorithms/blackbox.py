@@ -34,15 +34,51 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from metalearn.algorithms.base import LossFn
-from metalearn.config import BlackBoxConfig, ConfigError
-from metalearn.models import Model
+from metalearn import registry
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm
+from metalearn.checks import MAX_DEPTH, MAX_WIDTH, ConfigError, at_most, choice, require
+from metalearn.models import Model, feature_size
 from metalearn.types import Algorithm, Split
+
+BLACKBOX_CORES = ("lstm", "snail", "transformer")
+
+
+@dataclass
+class BlackBoxConfig(AlgoConfig):
+    """A sequence model that reads the labelled support set (metalearn/algorithms/blackbox.py).
+    It has no inner loop, so no inner_steps."""
+
+    name: str = "blackbox"
+    core: str = "transformer"  # lstm | snail | transformer
+    hidden: int = 128  # lstm: state size; transformer: width; snail: filters per dense block
+    layers: int = 2  # lstm: stacked cells; transformer: blocks; snail: (TC, attention) pairs
+    heads: int = 4  # transformer: attention heads (hidden must be a multiple)
+    tc_layers: int = 0  # snail: dense blocks per TC block; 0: ceil(log2(support size + 1))
+    shuffle_support: bool = True  # shuffle the (label-sorted) support sequence in every episode
+
+    def __post_init__(self) -> None:
+        choice("algo.core", self.core, BLACKBOX_CORES)
+        require(self.hidden >= 4, f"algo.hidden={self.hidden} must be >= 4.")
+        require(self.layers >= 1, f"algo.layers={self.layers} must be >= 1.")
+        require(self.heads >= 1, f"algo.heads={self.heads} must be >= 1.")
+        at_most("algo.hidden", self.hidden, MAX_WIDTH)
+        at_most("algo.layers", self.layers, MAX_DEPTH)
+        at_most("algo.heads", self.heads, MAX_WIDTH)
+        at_most("algo.tc_layers", self.tc_layers, MAX_DEPTH)
+        require(
+            self.core != "transformer" or self.hidden % self.heads == 0,
+            f"algo.hidden={self.hidden} with algo.heads={self.heads} is not allowed: the "
+            "transformer splits its width evenly over the heads, so hidden must be a multiple "
+            "of heads.",
+        )
+        require(self.tc_layers >= 0, f"algo.tc_layers={self.tc_layers} must be >= 0.")
+
 
 LN_EPS = 1e-5
 
@@ -366,8 +402,8 @@ def make(
 
     def init(key):
         k_encoder, k_core = jax.random.split(key)
-        encoder = model.init(k_encoder, n_out)
-        features = encoder.pop("head")["w"].shape[0]  # every model's head reads the embedding
+        encoder = model.init(k_encoder, None)
+        features = feature_size(model)
         return {"encoder": encoder, "core": core.init(k_core, features + n_out + 1, n_out)}
 
     def adapt(meta_params, support: Split, key, inner_steps=0):
@@ -380,4 +416,7 @@ def make(
     def predict(meta_params, memory, x):
         return core.answer(meta_params["core"], memory, tokens(meta_params, x))
 
-    return Algorithm(init=init, adapt=adapt, predict=predict)
+    return make_algorithm(init, adapt, predict, loss_fn)
+
+
+registry.register("algo", "blackbox", BlackBoxConfig, make)

@@ -8,13 +8,33 @@ network's weights are meta-learned only, by the outer loop through the inner gra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import jax.numpy as jnp
 
-from metalearn.algorithms.base import LossFn, sgd_adapt
+from metalearn import registry
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm, sgd_adapt
+from metalearn.checks import check_inner_steps, positive, width
 from metalearn.conditioning import make_vector_conditioned_model
-from metalearn.config import CAVIAConfig
 from metalearn.models import Model
 from metalearn.types import Algorithm
+
+
+@dataclass
+class CAVIAConfig(AlgoConfig):
+    conditioned: ClassVar[bool] = True
+
+    name: str = "cavia"
+    inner_lr: float = 1.0  # step size on the context vector
+    inner_steps: int = 2
+    context_dim: int = 4  # size of the adapted context vector
+    first_order: bool = False
+
+    def __post_init__(self) -> None:
+        positive("algo.inner_lr", self.inner_lr)
+        check_inner_steps(self.inner_steps)
+        width("algo.context_dim", self.context_dim)
 
 
 def make(
@@ -42,8 +62,12 @@ def make(
             first_order=cfg.first_order,
         )
 
-    return Algorithm(
-        init=lambda key: net.init(key, n_out),
-        adapt=adapt,
-        predict=lambda meta_params, context, x: net.apply_vector(meta_params, x, context),
+    return make_algorithm(
+        lambda key: net.init(key, n_out),
+        adapt,
+        lambda meta_params, context, x: net.apply_vector(meta_params, x, context),
+        loss_fn,
     )
+
+
+registry.register("algo", "cavia", CAVIAConfig, make)

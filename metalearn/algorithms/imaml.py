@@ -9,13 +9,32 @@ pass, so memory does not grow with the number of inner steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 from jax.scipy.sparse.linalg import cg
 
-from metalearn.algorithms.base import LossFn
-from metalearn.config import IMAMLConfig
+from metalearn import registry
+from metalearn.algorithms.base import AlgoConfig, LossFn, direction_loss, make_algorithm
+from metalearn.checks import MAX_INNER_STEPS, at_most, check_inner_steps, positive, require
 from metalearn.models import Model
 from metalearn.types import Algorithm
+
+
+@dataclass
+class IMAMLConfig(AlgoConfig):
+    name: str = "imaml"
+    inner_lr: float = 0.1
+    inner_steps: int = 16  # gradient steps on the proximal inner problem
+    prox_lambda: float = 2.0  # strength of the pull towards the meta-parameters
+    cg_steps: int = 5  # conjugate-gradient iterations for the implicit meta-gradient
+
+    def __post_init__(self) -> None:
+        positive("algo.inner_lr", self.inner_lr)
+        positive("algo.prox_lambda", self.prox_lambda)
+        check_inner_steps(self.inner_steps)
+        require(self.cg_steps >= 1, f"algo.cg_steps={self.cg_steps} must be >= 1.")
+        at_most("algo.cg_steps", self.cg_steps, MAX_INNER_STEPS)
 
 
 def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Algorithm:
@@ -36,7 +55,8 @@ def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Al
         phi, _ = jax.lax.scan(step, theta, None, length=inner_steps)
         return phi
 
-    def meta_gradient(meta_params, task, key):
+    def meta_loss(meta_params, task, key, step=0):
+        """A surrogate whose gradient is the implicit meta-gradient."""
         phi = adapt(meta_params, task.support, key)
         query_loss, metrics = loss_fn(model.apply(phi, task.query.x), task.query.y)
         g = jax.grad(loss)(phi, task.query)
@@ -47,11 +67,15 @@ def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Al
             return jax.tree.map(lambda v, h: v + h / lam, v, hv)
 
         meta_grad, _ = cg(matvec, g, maxiter=cfg.cg_steps)
-        return meta_grad, metrics
+        return direction_loss(meta_params, meta_grad), metrics
 
-    return Algorithm(
-        init=lambda key: model.init(key, n_out),
-        adapt=adapt,
-        predict=lambda meta_params, task_params, x: model.apply(task_params, x),
-        meta_gradient=meta_gradient,
+    return make_algorithm(
+        lambda key: model.init(key, n_out),
+        adapt,
+        lambda meta_params, task_params, x: model.apply(task_params, x),
+        loss_fn,
+        meta_loss=meta_loss,
     )
+
+
+registry.register("algo", "imaml", IMAMLConfig, make)

@@ -3,7 +3,8 @@
 The inner loop is jax.grad inside the outer jax.value_and_grad. Options (each a config field):
 - first_order: stop the gradient through the inner gradients (FOMAML);
 - adapt: which parameter groups the inner loop changes ("all", or e.g. ["head"] for ANIL,
-  Raghu et al. 2020; ["blocks"] for BOIL); the others are only meta-learned;
+  Raghu et al. 2020; ["blocks"] for BOIL; groups are the model's labels,
+  metalearn/models/groups.py); the others are only meta-learned;
 - learn_inner_lr: meta-learn one inner learning rate per adapted parameter (Meta-SGD,
   Li et al. 2017), starting from inner_lr;
 - remat: recompute inner steps in the backward pass (memory ~ sqrt(inner_steps) copies of the
@@ -16,47 +17,77 @@ The inner loop is jax.grad inside the outer jax.value_and_grad. Options (each a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import jax
 import jax.numpy as jnp
 
-from metalearn.algorithms.base import LossFn, sgd_adapt
-from metalearn.config import ConfigError, MAMLConfig
+from metalearn import registry
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm, sgd_adapt
+from metalearn.checks import check_inner_steps, positive, require
 from metalearn.models import Model
+from metalearn.models.groups import combine, partition, select
 from metalearn.types import Algorithm
 
 
-def adapt_mask(params, groups: list[str]):
-    """True for the leaves the inner loop adapts. Groups name top-level keys ("head",
-    "blocks") or single blocks ("blocks.3"); "all" adapts everything."""
-    if "all" in groups:
-        return jax.tree.map(lambda _: True, params)
-    known = {"head", "blocks"} | {f"blocks.{i}" for i in range(len(params["blocks"]))}
-    unknown = sorted(set(groups) - known)
-    if unknown:
-        raise ConfigError(
-            f"algo.adapt={list(groups)} names {unknown}, which this model does not have; use "
-            f"'all' or any of {sorted(known)}."
-        )
-    return {
-        "head": jax.tree.map(lambda _: "head" in groups, params["head"]),
-        "blocks": [
-            jax.tree.map(lambda _, i=i: "blocks" in groups or f"blocks.{i}" in groups, block)
-            for i, block in enumerate(params["blocks"])
-        ],
-    }
-
-
-def partition(params, mask):
-    """(adapted, frozen): the same tree twice, with None where a leaf belongs to the other."""
-    adapted = jax.tree.map(lambda p, m: p if m else None, params, mask)
-    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
-    return adapted, frozen
-
-
-def combine(adapted, frozen):
-    return jax.tree.map(
-        lambda a, f: f if a is None else a, adapted, frozen, is_leaf=lambda x: x is None
+@dataclass
+class MAMLConfig(AlgoConfig):
+    name: str = "maml"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    first_order: bool = False
+    adapt: list[str] = field(
+        default_factory=lambda: ["all"]
+    )  # parameter groups the inner loop adapts
+    learn_inner_lr: bool = False  # Meta-SGD: a meta-learned inner rate per adapted parameter
+    remat: bool = False  # recompute inner steps in the backward pass (long inner loops)
+    per_step_lr: bool = False  # MAML++: with learn_inner_lr, one learned rate set per inner step
+    multi_step_loss: int = (
+        0  # MAML++: query loss after every inner step, annealed to the last over N steps
     )
+    first_order_until: int = 0  # MAML++: first-order meta-gradients for the first N training steps
+
+    def __post_init__(self) -> None:
+        positive("algo.inner_lr", self.inner_lr)
+        check_inner_steps(self.inner_steps)
+        require(
+            not self.per_step_lr or self.learn_inner_lr,
+            "algo.per_step_lr=true needs algo.learn_inner_lr=true (the rates it learns per step).",
+        )
+        require(
+            self.multi_step_loss >= 0, f"algo.multi_step_loss={self.multi_step_loss} must be >= 0."
+        )
+        require(
+            self.first_order_until >= 0,
+            f"algo.first_order_until={self.first_order_until} must be >= 0.",
+        )
+
+
+@dataclass
+class ANILConfig(MAMLConfig):
+    name: str = "anil"
+    adapt: list[str] = field(default_factory=lambda: ["head"])
+
+
+@dataclass
+class MetaSGDConfig(MAMLConfig):
+    name: str = "metasgd"
+    learn_inner_lr: bool = True
+
+
+@dataclass
+class MAMLPPConfig(MAMLConfig):
+    name: str = "mamlpp"
+    inner_steps: int = 5
+    learn_inner_lr: bool = True
+    per_step_lr: bool = True
+    multi_step_loss: int = 10000
+    first_order_until: int = 5000
+
+
+def adapt_mask(model: Model, params, groups: list[str]):
+    """True for the leaves the inner loop adapts: those whose group label algo.adapt selects."""
+    return select(model.groups(params), groups, "algo.adapt")
 
 
 def make(cfg: MAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Algorithm:
@@ -65,7 +96,7 @@ def make(cfg: MAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Alg
 
     def init(key):
         params = model.init(key, n_out)
-        mask = adapt_mask(params, cfg.adapt)  # rejects unknown groups before training starts
+        mask = adapt_mask(model, params, cfg.adapt)  # rejects unknown groups before training starts
         if not cfg.learn_inner_lr:
             return params
         adapted, _ = partition(params, mask)
@@ -86,7 +117,7 @@ def make(cfg: MAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Alg
 
     def inner_loop(meta_params, support, inner_steps, first_order, trajectory=False):
         params = model_params(meta_params)
-        adapted, frozen = partition(params, adapt_mask(params, cfg.adapt))
+        adapted, frozen = partition(params, adapt_mask(model, params, cfg.adapt))
 
         def support_loss(adapted, split):
             return loss_fn(model.apply(combine(adapted, frozen), split.x), split.y)[0]
@@ -131,11 +162,8 @@ def make(cfg: MAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Alg
         return jnp.sum(weights * losses), metrics
 
     scheduled = cfg.multi_step_loss or cfg.first_order_until
-    return Algorithm(
-        init=init,
-        adapt=adapt,
-        predict=predict,
-        meta_loss=scheduled_meta_loss if scheduled else None,
+    return make_algorithm(
+        init, adapt, predict, loss_fn, meta_loss=scheduled_meta_loss if scheduled else None
     )
 
 
@@ -144,3 +172,9 @@ def multi_step_weights(inner_steps: int, step, anneal_steps: int) -> jax.Array:
     a = jnp.clip(step / anneal_steps, 0.0, 1.0)
     last = jax.nn.one_hot(inner_steps - 1, inner_steps)
     return (1 - a) * jnp.full((inner_steps,), 1 / inner_steps) + a * last
+
+
+registry.register("algo", "maml", MAMLConfig, make)
+registry.register("algo", "anil", ANILConfig, make)
+registry.register("algo", "metasgd", MetaSGDConfig, make)
+registry.register("algo", "mamlpp", MAMLPPConfig, make)

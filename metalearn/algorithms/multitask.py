@@ -11,17 +11,71 @@ size); the logits of classes a task does not have are masked out.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
-from metalearn.algorithms.base import LossFn
+from metalearn import registry
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm
+from metalearn.checks import ConfigError, choice, positive, require
 from metalearn.conditioning import make_conditioned_model
-from metalearn.config import ConfigError, MultitaskConfig
 from metalearn.models import Model
-from metalearn.types import Algorithm
-from metalearn.weighting import make_weighting, pairwise_distance_penalty
+from metalearn.models.groups import block_index, depth
+from metalearn.rundir import RunDir, RunDirError
+from metalearn.types import Algorithm, Objective
+from metalearn.weighting import WEIGHTINGS, make_weighting, pairwise_distance_penalty
 
 MASKED_LOGIT = -1e9
+
+
+@dataclass
+class MultitaskConfig(AlgoConfig):
+    """Multi-task learning: one conditioned model trained on T tasks at once (CS330 lecture 2)."""
+
+    multitask_data: ClassVar[bool] = True
+    conditioned: ClassVar[bool] = True
+
+    name: str = "multitask"
+    weighting: str = "uniform"  # how per-task losses combine: see WEIGHTINGS
+    task_weights: list[float] = field(default_factory=list)  # weighting=static: one w_i per task
+    dwa_temperature: float = 2.0  # weighting=dwa: softmax temperature over loss ratios
+    minmax_temperature: float = 0.0  # weighting=minmax: 0 is the hard max, > 0 a log-sum-exp
+    soft_sharing: float = 0.0  # lambda of the pairwise parameter distance (conditioning=separate)
+    # Transfer: start the trunk from another multi-task run's best checkpoint (a run directory),
+    # then fine-tune with the first `freeze` blocks fixed and block i's steps scaled by
+    # layer_decay**(depth - i); the heads and conditioning start fresh.
+    init_from: str | None = None
+    freeze: int = 0
+    layer_decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        choice("algo.weighting", self.weighting, WEIGHTINGS)
+        positive("algo.dwa_temperature", self.dwa_temperature)
+        require(
+            self.minmax_temperature >= 0 and math.isfinite(self.minmax_temperature),
+            f"algo.minmax_temperature={self.minmax_temperature} must be a finite number >= 0.",
+        )
+        require(
+            self.soft_sharing >= 0 and math.isfinite(self.soft_sharing),
+            f"algo.soft_sharing={self.soft_sharing} must be a finite number >= 0.",
+        )
+        require(self.freeze >= 0, f"algo.freeze={self.freeze} must be >= 0.")
+        require(
+            0 < self.layer_decay <= 1, f"algo.layer_decay={self.layer_decay} must be in (0, 1]."
+        )
+        require(
+            self.weighting == "static" or not self.task_weights,
+            "algo.task_weights is only used with algo.weighting=static.",
+        )
+        require(
+            all(w >= 0 and math.isfinite(w) for w in self.task_weights),
+            f"algo.task_weights={list(self.task_weights)} is not allowed: weights must be >= 0.",
+        )
 
 
 def make(
@@ -57,30 +111,42 @@ def make(
         y = jnp.concatenate([task.support.y, task.query.y])
         return loss_fn(outputs(model_params, x, task.task_id), y)
 
+    def labels(params):
+        return {"model": cond.groups(params["model"]), "weighting": jax.tree.map(
+            lambda _: "other", params["weighting"])}  # fmt: skip
+
     def init(key):
         model_params = cond.init(key, n_out)
+        if (cfg.freeze or cfg.layer_decay < 1) and not depth(cond.groups(model_params)):
+            raise ConfigError(
+                f"algo.freeze / algo.layer_decay need one shared trunk; "
+                f"conditioning={config.conditioning.name} has none."
+            )
+        params = {"model": model_params, "weighting": weighting.init_params(n_tasks)}
         if cfg.init_from:
-            model_params = with_pretrained_trunk(model_params, cfg.init_from)
-        return {"model": model_params, "weighting": weighting.init_params(n_tasks)}
+            params = with_pretrained_trunk(params, labels(params), cfg.init_from)
+        return params
 
-    def update_scale(updates):
+    def step_factors(params):
         """Fine-tuning's per-block step sizes: 0 for frozen blocks, decaying with depth."""
-        scale = jax.tree.map(lambda _: 1.0, updates)
-        blocks = trunk(scale["model"])
-        if blocks is None:
-            if cfg.freeze or cfg.layer_decay < 1:
-                raise ConfigError(
-                    f"algo.freeze / algo.layer_decay need one shared trunk; "
-                    f"conditioning={config.conditioning.name} has none."
-                )
-            return scale
-        depth = len(blocks)
-        for i, block in enumerate(blocks):
-            factor = 0.0 if i < cfg.freeze else cfg.layer_decay ** (depth - i)
-            blocks[i] = jax.tree.map(lambda _, f=factor: f, block)
-        return scale
+        groups = labels(params)
+        n = depth(groups)
 
-    def batch_gradient(params, state, tasks, keys, step):
+        def factor(label):
+            i = block_index(label)
+            if i is None:
+                return 1.0
+            return 0.0 if i < cfg.freeze else cfg.layer_decay ** (n - i)
+
+        return jax.tree.map(factor, groups)
+
+    def optimizer(train_cfg):
+        adam = optax.adam(train_cfg.outer_lr)
+        if not (cfg.freeze or cfg.layer_decay < 1):
+            return adam
+        return optax.chain(adam, scale_by_tree(step_factors))
+
+    def gradient(params, state, tasks, keys, step, task_mean):
         counts = jax.ops.segment_sum(jnp.ones_like(tasks.task_id), tasks.task_id, n_tasks)
         present = counts > 0
 
@@ -118,41 +184,62 @@ def make(
         metrics.update({k: v for k, v in wmetrics.items() if jnp.ndim(v) == 0})
         return {"model": grads, "weighting": wgrads}, state, metrics
 
-    def evaluate_task(params, task, key, inner_steps=0):
+    def evaluate(params, task, key, inner_steps=0):
         return loss_fn(outputs(params["model"], task.query.x, task.task_id), task.query.y)
 
     def no_adaptation(*_):
-        raise NotImplementedError("multi-task models are scored with evaluate_task")
+        raise NotImplementedError("multi-task models are scored by evaluate (with the task id)")
 
-    return Algorithm(
-        init=init,
-        adapt=no_adaptation,
-        predict=no_adaptation,
-        batch_gradient=batch_gradient,
-        init_state=lambda: weighting.init_state(n_tasks),
-        evaluate_task=evaluate_task,
-        update_scale=update_scale if (cfg.freeze or cfg.layer_decay < 1) else None,
+    return make_algorithm(
+        init,
+        no_adaptation,
+        no_adaptation,
+        loss_fn,
+        meta_loss=no_adaptation,
+        evaluate=evaluate,
+        objective=Objective(init_state=lambda: weighting.init_state(n_tasks), gradient=gradient),
+        optimizer=optimizer,
     )
 
 
-def trunk(model_params):
-    """The shared trunk's block list of a conditioned model's params (None for separate, mmoe)."""
-    inner = model_params.get("model")
-    return inner.get("blocks") if isinstance(inner, dict) else None
+def scale_by_tree(factors_of) -> optax.GradientTransformation:
+    """Multiply each step by a per-leaf factor (after Adam, whose steps ignore gradient scale)."""
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, f: u * f, updates, factors_of(updates)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def with_pretrained_trunk(model_params, run_dir: str):
-    """model_params with the trunk of the best checkpoint of the multi-task run in run_dir."""
-    from metalearn.train import restore  # train imports the algorithms
+def with_pretrained_trunk(params, labels, run_dir: str):
+    """params with its shared trunk's blocks (leaves labelled blocks.<i>) taken from the best
+    checkpoint of the multi-task run in run_dir, read by tree path (no dataset is rebuilt)."""
+    try:
+        stored = RunDir(run_dir).read_arrays("best")
+    except RunDirError as error:
+        raise ConfigError(f"algo.init_from={run_dir} cannot be read: {error}") from None
+    problem = None
 
-    _, source_params, _ = restore(run_dir, [], "best")
-    source = trunk(source_params.get("model", {})) if isinstance(source_params, dict) else None
-    target = trunk(model_params)
-    shapes = jax.tree.map(jnp.shape, (source, target))
-    if source is None or target is None or shapes[0] != shapes[1]:
+    def take(path, leaf, label):
+        nonlocal problem
+        if block_index(label) is None:
+            return leaf
+        key = jax.tree_util.keystr(path)
+        have = stored.get(key)
+        if have is None or have.shape != np.shape(leaf):
+            problem = problem or key
+            return leaf
+        return jnp.asarray(have, leaf.dtype)
+
+    loaded = jax.tree_util.tree_map_with_path(take, params, labels)
+    if problem is not None or not depth(labels):
         raise ConfigError(
-            f"algo.init_from={run_dir} cannot initialise this model: it needs a multi-task run "
-            "with one shared trunk (conditioning none, additive, film or multihead) of the "
-            "same model and size as this run's (whose conditioning also has one)."
+            f"algo.init_from={run_dir} cannot initialise this model ({problem or 'no trunk'} "
+            "is missing or of another shape there): it needs a multi-task run with one shared "
+            "trunk (conditioning none, additive, film or multihead) of the same model and size "
+            "as this run's (whose conditioning also has one)."
         )
-    return {**model_params, "model": {**model_params["model"], "blocks": source}}
+    return loaded
+
+
+registry.register("algo", "multitask", MultitaskConfig, make)

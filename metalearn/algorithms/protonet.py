@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from metalearn.algorithms.base import LossFn
-from metalearn.config import ProtoNetConfig
+from metalearn import registry
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm
 from metalearn.models import Model
 from metalearn.types import Algorithm
+
+
+@dataclass
+class ProtoNetConfig(AlgoConfig):
+    kinds: ClassVar[tuple[str, ...]] = ("classification",)
+
+    name: str = "protonet"
 
 
 def prototypes(embeddings: jax.Array, labels: jax.Array, n_way: int) -> jax.Array:
@@ -28,9 +38,7 @@ def squared_distance_logits(queries: jax.Array, protos: jax.Array) -> jax.Array:
 
 def make(cfg: ProtoNetConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Algorithm:
     def init(key):
-        params = model.init(key, 1)
-        del params["head"]  # prototypes replace the classifier
-        return params
+        return model.init(key, None)  # prototypes replace the classifier
 
     def adapt(meta_params, support, key, inner_steps=0):
         return prototypes(model.embed(meta_params, support.x), support.y, n_out)
@@ -38,4 +46,7 @@ def make(cfg: ProtoNetConfig, model: Model, loss_fn: LossFn, n_out: int, **_) ->
     def predict(meta_params, protos, x):
         return squared_distance_logits(model.embed(meta_params, x), protos)
 
-    return Algorithm(init=init, adapt=adapt, predict=predict)
+    return make_algorithm(init, adapt, predict, loss_fn)
+
+
+registry.register("algo", "protonet", ProtoNetConfig, make)

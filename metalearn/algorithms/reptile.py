@@ -1,18 +1,35 @@
 """Reptile (Nichol et al. 2018): move the initialisation towards each task's adapted weights.
 
 The update direction for one task is (initial - adapted); the shared step averages it over the
-meta-batch and the outer optimiser (SGD, step size decayed linearly to 0) applies it.
+meta-batch and the outer optimiser (SGD, step size decayed linearly to 0, as in the paper)
+applies it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import optax
 
-from metalearn.algorithms.base import LossFn
-from metalearn.config import ReptileConfig
+from metalearn import registry
+from metalearn.algorithms.base import AlgoConfig, LossFn, direction_loss, make_algorithm
+from metalearn.checks import check_inner_steps, choice, positive
 from metalearn.models import Model
 from metalearn.types import Algorithm
+
+
+@dataclass
+class ReptileConfig(AlgoConfig):
+    name: str = "reptile"
+    inner_lr: float = 0.001
+    inner_steps: int = 5
+    inner_optimizer: str = "adam"  # adam (beta1=0, as in the paper) | sgd
+
+    def __post_init__(self) -> None:
+        positive("algo.inner_lr", self.inner_lr)
+        check_inner_steps(self.inner_steps)
+        choice("algo.inner_optimizer", self.inner_optimizer, ("adam", "sgd"))
 
 
 def make(cfg: ReptileConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Algorithm:
@@ -39,14 +56,24 @@ def make(cfg: ReptileConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> 
         )
         return adapted
 
-    def meta_gradient(meta_params, task, key):
-        adapted = adapt(meta_params, task.support, key)
+    def meta_loss(meta_params, task, key, step=0):
+        """A surrogate whose gradient is the Reptile direction (initial - adapted)."""
+        adapted = adapt(jax.lax.stop_gradient(meta_params), task.support, key)
         _, metrics = loss_fn(model.apply(adapted, task.query.x), task.query.y)
-        return jax.tree.map(lambda m, a: m - a, meta_params, adapted), metrics
+        direction = jax.tree.map(lambda m, a: m - a, meta_params, adapted)
+        return direction_loss(meta_params, direction), metrics
 
-    return Algorithm(
-        init=lambda key: model.init(key, n_out),
-        adapt=adapt,
-        predict=lambda meta_params, task_params, x: model.apply(task_params, x),
-        meta_gradient=meta_gradient,
+    def optimizer(train_cfg):
+        return optax.sgd(optax.linear_schedule(train_cfg.outer_lr, 0.0, train_cfg.steps))
+
+    return make_algorithm(
+        lambda key: model.init(key, n_out),
+        adapt,
+        lambda meta_params, task_params, x: model.apply(task_params, x),
+        loss_fn,
+        meta_loss=meta_loss,
+        optimizer=optimizer,
     )
+
+
+registry.register("algo", "reptile", ReptileConfig, make)

@@ -16,15 +16,74 @@ replacement from a fixed set of N points per task (a finite training set).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.config import MultiSinusoidConfig
+from metalearn import registry
+from metalearn.checks import MAX_EXAMPLES, MAX_TASKS, at_most, check_seed, require
 from metalearn.data import SPLITS, TaskSource
+from metalearn.data.base import DataConfig
 from metalearn.types import Split, Task
+
+
+@dataclass
+class MultiSinusoidConfig(DataConfig):
+    """T fixed sinusoid tasks y = A sin(f x - phase) with controllable relatedness.
+
+    Each task's (A, f, phase) is relatedness * shared + (1 - relatedness) * its own draw, all
+    drawn once from task_seed; a fraction `conflict` of the tasks (the last ones) has its sign
+    flipped. k_shot and k_query count points per task. Val and test points are fresh x draws;
+    train points too, unless train_points fixes a finite training set per task.
+    """
+
+    kind: ClassVar[str] = "regression"
+    inputs: ClassVar[str] = "vectors"
+    multitask: ClassVar[bool] = True
+
+    name: str = "multi_sinusoid"
+    k_shot: int = 10  # support points per task
+    k_query: int = 10  # query points per task (disjoint from the support)
+    n_tasks: int = 10
+    relatedness: float = 0.5  # 1: all tasks identical (before conflict); 0: independent draws
+    conflict: float = 0.0  # fraction of tasks whose targets are negated (negative transfer)
+    task_seed: int = 0  # draws the tasks' parameters (and train_points)
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    frequency: tuple[float, float] = (0.5, 2.0)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    train_points: int = 0  # > 0: a fixed set of this many train x per task; 0: fresh draws
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.n_tasks >= 1, f"data.n_tasks={self.n_tasks} is not allowed: it must be >= 1.")
+        at_most("data.n_tasks", self.n_tasks, MAX_TASKS)
+        at_most("data.train_points", self.train_points, MAX_EXAMPLES)
+        check_seed("data.task_seed", self.task_seed)
+        for key in ("relatedness", "conflict"):
+            value = getattr(self, key)
+            require(0 <= value <= 1, f"data.{key}={value} is not allowed: it must be in [0, 1].")
+        for key in ("amplitude", "phase", "frequency"):
+            lo, hi = getattr(self, key)
+            require(
+                lo <= hi,
+                f"data.{key}=[{lo}, {hi}] is not allowed: the low end must not exceed the high "
+                "end (equal ends fix the value).",
+            )
+        lo, hi = self.x_range
+        require(
+            lo < hi,
+            f"data.x_range=[{lo}, {hi}] is not allowed: the low end must be below the high end.",
+        )
+        require(
+            self.train_points == 0 or self.train_points >= self.k_shot + self.k_query,
+            f"data.train_points={self.train_points} is not allowed: a task's support and query are "
+            f"disjoint, so it needs 0 (fresh x draws) or at least data.k_shot + data.k_query = "
+            f"{self.k_shot + self.k_query} points.",
+        )
 
 
 class SinusoidTasks(NamedTuple):
@@ -131,3 +190,6 @@ def make_source(cfg: MultiSinusoidConfig) -> TaskSource:
         task_names=names,
         sample_task=sample_task,
     )
+
+
+registry.register("data", "multi_sinusoid", MultiSinusoidConfig, make_source)

@@ -30,11 +30,17 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from metalearn import registry
+from metalearn.checks import ConfigError, check_seed, choice, require
+from metalearn.data.base import SPLITS, DataError, EpisodicDataConfig, TaskSource, open_images
 
 SETS = ("images_background", "images_evaluation")
 URLS = {s: f"https://github.com/brendenlake/omniglot/raw/master/python/{s}.zip" for s in SETS}
@@ -60,10 +66,6 @@ _HOW_TO_FIX = (
 Downloader = Callable[[str, Path], None]
 
 log = logging.getLogger("metalearn")
-
-
-class DataError(ValueError):
-    """A dataset or split request that cannot be served; the message says how to fix it."""
 
 
 class OmniglotArrays(NamedTuple):
@@ -466,12 +468,19 @@ def _reader(s: _ImageSet) -> Iterator[Callable[[str], bytes]]:
         yield lambda rel: zf.read(s.top + rel)  # zipfile checks each member's CRC here
 
 
+def decode_image(image: Image.Image, size: int) -> np.ndarray:
+    """One image as Omniglot's training arrays hold it: grayscale, resized to size x size with
+    LANCZOS, inverted so that dark strokes on a light background become bright ink (uint8
+    [size, size], stroke 255, as the MAML reference feeds it)."""
+    image = image.convert("L")
+    if image.size != (size, size):
+        image = image.resize((size, size), resample=Image.Resampling.LANCZOS)
+    return 255 - np.asarray(image, np.uint8)
+
+
 def _decode(read: Callable[[str], bytes], rel: str, path: Path, size: int) -> np.ndarray:
     try:
-        image = Image.open(io.BytesIO(read(rel))).convert("L")
-        if image.size != (size, size):
-            image = image.resize((size, size), resample=Image.Resampling.LANCZOS)
-        return 255 - np.asarray(image, np.uint8)  # ink bright, as the MAML reference feeds it
+        return decode_image(Image.open(io.BytesIO(read(rel))), size)
     except Exception as e:  # a bad CRC, an unsupported compression, PIL's errors of a bad PNG...
         raise _corrupt(path, f"{rel} does not decode as an image ({e})") from e
 
@@ -554,3 +563,84 @@ def temp_file_beside(dest: Path) -> Iterator[Path]:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------- the data=omniglot option
+
+
+@dataclass
+class OmniglotConfig(EpisodicDataConfig):
+    name: str = "omniglot"
+    root: str | None = None  # folder with images_background.zip and images_evaluation.zip
+    split: str = "random"  # random (1100/100/423 characters) | alphabet (background vs evaluation)
+    split_seed: int = 0
+    split_sizes: tuple[int, int, int] = (1100, 100, 423)  # random split: train/val/test characters
+    val_alphabets: int = 5  # alphabet split: last background alphabets held out for meta-val
+    rotations: bool = False  # add 90/180/270-degree rotations as new meta-train classes
+    image_size: int = 28
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_seed("data.split_seed", self.split_seed)
+        choice("data.split", self.split, ("random", "alphabet"))
+        require(
+            self.k_shot + self.k_query <= 20,
+            f"data.k_shot + data.k_query = {self.k_shot + self.k_query} is not allowed: Omniglot "
+            "has 20 drawings per character, and support and query drawings must be distinct.",
+        )
+        require(
+            8 <= self.image_size <= 105, f"data.image_size={self.image_size} must be in [8, 105]."
+        )
+
+    def preprocess(self, images) -> np.ndarray:
+        """Images of any size and mode (file paths, PIL images, arrays; data/base.py::open_images)
+        as the model reads them in training: float32 [N, S, S, 1], `decode_image(...) / 255`.
+        Give drawings as Omniglot's files are: dark strokes on a light background."""
+        pixels = np.stack([decode_image(im, self.image_size) for im in open_images(images)])
+        return (pixels.astype(np.float32) / np.float32(255))[..., None]
+
+
+def make_source(cfg: OmniglotConfig) -> TaskSource:
+    data = load_omniglot(cfg.root, image_size=cfg.image_size, download=cfg.download)
+    classes = split_classes(
+        data,
+        split=cfg.split,
+        seed=cfg.split_seed,
+        sizes=tuple(cfg.split_sizes),
+        val_alphabets=cfg.val_alphabets,
+    )
+    images = {name: data.images[classes[name]] for name in SPLITS}
+    if cfg.rotations:
+        images["train"] = with_rotations(images["train"])
+    for name in SPLITS:
+        n = images[name].shape[0]
+        if cfg.n_way > n:
+            raise ConfigError(
+                f"data.n_way={cfg.n_way} is more classes than the meta-{name} split holds ({n} "
+                f"characters with data.split={cfg.split}); use data.n_way <= {n}."
+            )
+
+    def sample(key, split_images, global_labels=False):
+        from metalearn.data.episodic import sample_episode
+
+        return sample_episode(
+            key,
+            split_images,
+            n_way=cfg.n_way,
+            k_shot=cfg.k_shot,
+            k_query=cfg.k_query,
+            global_labels=global_labels,
+        )
+
+    return TaskSource(
+        kind="classification",
+        n_out=cfg.n_way,
+        n_train_classes=int(images["train"].shape[0]),
+        input_shape=(cfg.image_size, cfg.image_size, 1),
+        splits={name: jnp.asarray(images[name]) for name in SPLITS},
+        sample=sample,
+    )
+
+
+registry.register("data", "omniglot", OmniglotConfig, make_source)

@@ -10,16 +10,58 @@ each: drawing a batch of task t inside jit is then pure array indexing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.config import ConfigError, OmniglotAlphabetsConfig
+from metalearn import registry
+from metalearn.checks import ConfigError, check_seed, require
 from metalearn.data import SPLITS, TaskSource
+from metalearn.data.base import DataConfig
 from metalearn.data.omniglot import DRAWINGS, OmniglotArrays, load_omniglot
 from metalearn.types import Split, Task
+
+
+@dataclass
+class OmniglotAlphabetsConfig(DataConfig):
+    """Multi-task Omniglot: each alphabet is one task over its own characters (labels 0..C_t-1).
+
+    k_shot and k_query count examples per task, not per class: a task's support and query are
+    disjoint batches of (character, drawing) pairs of its alphabet from the split's drawings.
+    n_way is not used. Train/val/test split the 20 drawings of every character.
+    """
+
+    multitask: ClassVar[bool] = True
+
+    name: str = "omniglot_alphabets"
+    k_shot: int = 10  # support examples per task
+    k_query: int = 10  # query examples per task (disjoint from the support)
+    # Alphabet names or indices (0-29 background, 30-49 evaluation, sorted); empty: the 30
+    # background alphabets. exclude_alphabets then drops some (e.g. one held out for transfer).
+    alphabets: list[str] = field(default_factory=list)
+    exclude_alphabets: list[str] = field(default_factory=list)
+    drawings: tuple[int, int, int] = (14, 2, 4)  # train/val/test drawings of each character
+    split_seed: int = 0  # which drawings of a character go to which split
+    root: str | None = None  # folder with images_background.zip and images_evaluation.zip
+    image_size: int = 28
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_seed("data.split_seed", self.split_seed)
+        drawings = tuple(self.drawings)
+        require(
+            len(drawings) == 3 and min(drawings) >= 1 and sum(drawings) == 20,
+            f"data.drawings={list(drawings)} is not allowed: give three train/val/test counts, "
+            "each >= 1 (every split holds every character), that add up to the 20 drawings of "
+            "an Omniglot character, e.g. [14, 2, 4].",
+        )
+        require(
+            8 <= self.image_size <= 105, f"data.image_size={self.image_size} must be in [8, 105]."
+        )
 
 
 class AlphabetArrays(NamedTuple):
@@ -167,3 +209,6 @@ def _check_batch_fits(cfg: OmniglotAlphabetsConfig, names: tuple[str, ...], coun
                 f"lower data.k_shot / data.k_query or give {split} more drawings with "
                 f"data.drawings={list(cfg.drawings)}."
             )
+
+
+registry.register("data", "omniglot_alphabets", OmniglotAlphabetsConfig, make_source)

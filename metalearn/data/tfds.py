@@ -19,13 +19,17 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from omegaconf import MISSING
 from PIL import Image
 
-from metalearn.config import ConfigError, TfdsConfig
+from metalearn import registry
+from metalearn.checks import ConfigError, check_seed, choice, require
+from metalearn.data.base import EpisodicDataConfig, open_images
 from metalearn.data.omniglot import DataError, identical, read_cache_file, write_cache_file
 
 log = logging.getLogger("metalearn")
@@ -72,6 +76,96 @@ FC100 = {
     "test": ("aquatic_mammals", "insects", "medium_mammals", "people"),
 }  # fmt: skip
 SUPERCLASS_KEYS = {"fc100": "coarse_label"}  # the feature a published split reads per class
+
+
+# data=tfds and its presets (conf/data/<option>.yaml): a TFDS dataset with its usual settings.
+TFDS_DATA = ("tfds", "cifar_fs", "fc100", "cub", "vgg_flowers", "dtd", "quickdraw", "omniglot_tfds")
+
+
+# How a TFDS dataset's classes are split: published splits of cifar100, or a seeded shuffle.
+TFDS_CLASS_SPLITS = {"seeded": None, "cifar_fs": "cifar100", "fc100": "cifar100"}
+
+
+@dataclass
+class TfdsConfig(EpisodicDataConfig):
+    """Any tensorflow-datasets image-classification dataset as N-way K-shot tasks (data/tfds.py).
+
+    name is the TFDS catalogue name (cifar100, or name/config:version), prepared as array_record.
+    Its classes go to meta-train/val/test by a published split (classes=cifar_fs: 64/16/20
+    classes; fc100: 12/4/4 superclasses) or by a seeded shuffle cut by fractions or sizes.
+    """
+
+    name: str = MISSING  # the TFDS catalogue name, e.g. cifar100
+    source: str = "tfds"  # marks a TFDS dataset in a saved config, whatever its name
+    data_dir: str | None = None  # TFDS data folder; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    splits: list[str] = field(default_factory=list)  # TFDS splits pooled; empty: all of them
+    classes: str = "seeded"  # seeded | cifar_fs | fc100
+    split_seed: int = 0  # seeded: the shuffle of the classes
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # seeded: train/val/test
+    split_sizes: list[int] = field(default_factory=list)  # seeded: class counts, over fractions
+    image_size: int = 84  # images are resized to image_size x image_size
+    channels: int = 3  # 3: RGB; 1: grayscale
+    invert: bool = False  # 255 - pixel: dark ink on white (Omniglot) becomes bright ink
+    max_per_class: int = 0  # keep the first this many examples of each class; 0: all
+    image_key: str = "image"  # the TFDS feature holding the image
+    label_key: str = "label"  # the TFDS ClassLabel feature holding the class
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_seed("data.split_seed", self.split_seed)
+        require(
+            self.source == "tfds",
+            f"data.source={self.source!r} is not allowed: a TFDS dataset has source 'tfds'.",
+        )
+        choice("data.classes", self.classes, tuple(TFDS_CLASS_SPLITS))
+        needs = TFDS_CLASS_SPLITS[self.classes]
+        base = self.name.split("/")[0].split(":")[0]
+        require(
+            needs is None or base == needs,
+            f"data.classes={self.classes} is a published split of {needs}, not of "
+            f"data.name={self.name}; use data.classes=seeded for other datasets.",
+        )
+        fractions = tuple(self.split_fractions)
+        require(
+            len(fractions) == 3
+            and min(fractions) >= 0
+            and fractions[0] > 0
+            and abs(sum(fractions) - 1) < 1e-6,
+            f"data.split_fractions={list(fractions)} is not allowed: give three train/val/test "
+            "fractions of the classes, each >= 0 (train > 0), that add up to 1, e.g. "
+            "[0.7, 0.15, 0.15].",
+        )
+        sizes = list(self.split_sizes)
+        require(
+            not sizes or (len(sizes) == 3 and min(sizes) >= 0),
+            f"data.split_sizes={sizes} is not allowed: give [] (use data.split_fractions) or "
+            "three non-negative train/val/test class counts.",
+        )
+        require(
+            8 <= self.image_size <= 512, f"data.image_size={self.image_size} must be in [8, 512]."
+        )
+        require(
+            self.channels in (1, 3),
+            f"data.channels={self.channels} is not allowed: use 3 (RGB) or 1 (grayscale).",
+        )
+        require(
+            self.max_per_class == 0 or self.max_per_class >= self.k_shot + self.k_query,
+            f"data.max_per_class={self.max_per_class} is not allowed: use 0 (every example) or "
+            f"at least data.k_shot + data.k_query = {self.k_shot + self.k_query}, since support "
+            "and query examples of a class are distinct.",
+        )
+
+    def preprocess(self, images) -> np.ndarray:
+        """Images of any size and mode (file paths, PIL images, arrays; data/base.py::open_images)
+        as the model reads them in training: float32 [N, S, S, C], `decode_image(...) / 255`
+        with this option's image_size, channels and invert."""
+        pixels = np.stack(
+            [
+                decode_image(im, self.image_size, self.channels, self.invert)
+                for im in open_images(images)
+            ]
+        )
+        return pixels.astype(np.float32) / np.float32(255)
 
 
 class TfdsArrays(NamedTuple):
@@ -466,6 +560,18 @@ def _preprocess(
     )
 
 
+def decode_image(image: Image.Image, size: int, channels: int, invert: bool) -> np.ndarray:
+    """One image as the cached arrays hold it: RGB (channels=3) or grayscale (1), resized to
+    size x size with LANCZOS, inverted (255 - pixel) with invert; uint8 [size, size, channels]."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), resample=Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, np.uint8)
+    if invert:
+        pixels = 255 - pixels
+    return pixels.reshape(size, size, channels)
+
+
 def _decode(raw: Any, size: int, channels: int, invert: bool, name: str, where: str) -> np.ndarray:
     """Encoded image bytes (or an array) -> uint8 [size, size, channels]."""
     try:
@@ -475,18 +581,12 @@ def _decode(raw: Any, size: int, channels: int, invert: bool, name: str, where: 
             )
         else:
             image = Image.open(io.BytesIO(raw))
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), resample=Image.Resampling.LANCZOS)
-        pixels = np.asarray(image, np.uint8)
+        return decode_image(image, size, channels, invert)
     except Exception as e:  # whatever PIL raises for bad bytes (OSError, SyntaxError, ...)
         raise DataError(
             f"The TFDS dataset {name} is corrupt: {where} does not decode as an image ({e}). "
             "Prepare it again (delete its folder first)."
         ) from e
-    if invert:
-        pixels = 255 - pixels
-    return pixels.reshape(size, size, channels)
 
 
 def _write_cache(path: Path, data: TfdsArrays) -> None:
@@ -568,3 +668,7 @@ def _rows_named(
             "data.classes=seeded for other data."
         )
     return np.array([index[w] for w in wanted], np.int64)
+
+
+for _name in TFDS_DATA:
+    registry.register("data", _name, TfdsConfig, make_source)

@@ -1,58 +1,60 @@
-"""Model registry: each model is (init, apply, embed) over a parameter pytree.
+"""The model protocol: (init, apply, embed, head, groups) over a parameter pytree.
 
-Every model's params are {"blocks": [...], "head": {...}}: the trunk as an ordered list of blocks
-(so fine-tuning can freeze or decay by depth) and a linear head on the embedding.
+A model maps x [B, ...] to outputs [B, n_out] as embed (features [B, D]) then head. Algorithms
+never read a model's parameter layout: they ask `groups` for a label per leaf ("head",
+"blocks.0", "blocks.1", ..., "other") and select by label (metalearn/models/groups.py), so any
+model, built in or a Flax module (model=flax), serves MAML's adaptation masks, fine-tuning's
+frozen and decayed blocks, head re-initialisation and init_from alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import numpy as np
+from omegaconf import MISSING
 
-from metalearn.config import ModelConfig
+from metalearn import registry
+
+Params = Any
 
 
 class Model(NamedTuple):
-    init: Callable[[jax.Array, int], dict]  # (key, n_out) -> params
-    apply: Callable[[dict, jax.Array], jax.Array]  # (params, x [B, ...]) -> outputs [B, n_out]
-    # (params, x, hook=None) -> features [B, D]; hook(i, h) -> h transforms block i's output
+    # (key, n_out) -> params; n_out=None: features only (no head), for metric learners
+    init: Callable[[jax.Array, int | None], Params]
+    apply: Callable[[Params, jax.Array], jax.Array]  # (params, x [B, ...]) -> outputs [B, n_out]
+    # (params, x, hook=None) -> features [B, D]; hook(i, h) transforms block i's output
     # (channels last), which is how task conditioning reaches inside any model.
     embed: Callable[..., jax.Array]
+    head: Callable[[Params, jax.Array], jax.Array]  # (params, features [B, D]) -> [B, n_out]
+    groups: Callable[[Params], Any]  # params -> the same tree of group labels (strings)
+    input_shape: tuple[int, ...] = ()  # one example's shape, as the model was made for
 
 
-def make_model(cfg: ModelConfig, input_shape: tuple[int, ...]) -> Model:
-    if cfg.name == "mlp":
-        from metalearn.models import mlp
+def feature_size(model: Model) -> int:
+    """D of the model's features [B, D], from an abstract forward pass."""
+    params = jax.eval_shape(lambda key: model.init(key, None), jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((1, *model.input_shape), np.float32)
+    return jax.eval_shape(model.embed, params, x).shape[-1]
 
-        return Model(
-            init=partial(
-                mlp.init,
-                in_features=int(np.prod(input_shape)),
-                hidden=cfg.hidden,
-                layers=cfg.layers,
-            ),
-            apply=mlp.apply,
-            embed=mlp.embed,
-        )
-    if cfg.name == "conv4":
-        from metalearn.models import conv4
 
-        return Model(
-            init=partial(
-                conv4.init,
-                in_channels=input_shape[-1],
-                hidden=cfg.hidden,
-                downsample=cfg.downsample,
-                image_size=input_shape[0],
-            ),
-            apply=partial(conv4.apply, downsample=cfg.downsample),
-            embed=partial(conv4.embed, downsample=cfg.downsample),
-        )
-    raise ValueError(f"unknown model {cfg.name!r}")
+@dataclass
+class ModelConfig:
+    """Base of every model's schema (a dataclass per option, beside the model's code).
+
+    inputs: the kinds of data inputs the model takes ("images" [H, W, C], "vectors" [D]).
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("images", "vectors")
+    name: str = MISSING
+
+
+def make_model(cfg, input_shape: tuple[int, ...]) -> Model:
+    """The model of `cfg` (any registered model schema) for inputs of `input_shape`."""
+    return registry.make_of("model", cfg)(cfg, input_shape)
 
 
 def num_params(params) -> int:

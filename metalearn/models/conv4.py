@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from metalearn.models import conv_ops
+from metalearn import registry
+from metalearn.checks import choice, width
+from metalearn.models import Model, ModelConfig, conv_ops
+from metalearn.models.groups import label_by_names
 
 Params = dict[str, Any]
 DOWNSAMPLE = ("stride", "maxpool")
 BN_EPS = 1e-5
 
 
+@dataclass
+class Conv4Config(ModelConfig):
+    inputs: ClassVar[tuple[str, ...]] = ("images",)
+
+    name: str = "conv4"
+    hidden: int = 64  # filters per block
+    downsample: str = "stride"  # stride (MAML's Omniglot net) | maxpool
+
+    def __post_init__(self) -> None:
+        width("model.hidden", self.hidden)
+        choice("model.downsample", self.downsample, DOWNSAMPLE)
+
+
 def init(
     key: jax.Array,
-    n_out: int,
+    n_out: int | None,
     *,
     in_channels: int = 1,
     hidden: int = 64,
     downsample: str = "stride",
     image_size: int = 28,
 ) -> Params:
-    """Glorot-uniform conv and head weights, zero biases, BN scale 1 and offset 0."""
+    """Glorot-uniform conv and head weights, zero biases, BN scale 1 and offset 0 (no head when
+    n_out is None)."""
     _check(downsample)
     del image_size  # both downsample modes end in a [B, hidden] feature, whatever the size
     conv_init = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)
@@ -40,6 +59,8 @@ def init(
             }
         )
         cin = hidden
+    if n_out is None:
+        return {"blocks": blocks}
     head = {
         "w": jax.nn.initializers.glorot_uniform()(keys[4], (hidden, n_out), jnp.float32),
         "b": jnp.zeros((n_out,), jnp.float32),
@@ -92,10 +113,33 @@ def apply(
     params: Params, x: jax.Array, *, downsample: str, conv_impl: str | None = None
 ) -> jax.Array:
     """x [B, H, W, C] -> logits [B, n_out]."""
-    feats = embed(params, x, downsample=downsample, conv_impl=conv_impl)
-    return feats @ params["head"]["w"] + params["head"]["b"]
+    return head(params, embed(params, x, downsample=downsample, conv_impl=conv_impl))
+
+
+def head(params: Params, features: jax.Array) -> jax.Array:
+    return features @ params["head"]["w"] + params["head"]["b"]
 
 
 def _check(downsample: str) -> None:
     if downsample not in DOWNSAMPLE:
         raise ValueError(f"downsample must be one of {DOWNSAMPLE}, got {downsample!r}")
+
+
+def make(cfg: Conv4Config, input_shape: tuple[int, ...]) -> Model:
+    return Model(
+        init=partial(
+            init,
+            in_channels=input_shape[-1],
+            hidden=cfg.hidden,
+            downsample=cfg.downsample,
+            image_size=input_shape[0],
+        ),
+        apply=partial(apply, downsample=cfg.downsample),
+        embed=partial(embed, downsample=cfg.downsample),
+        head=head,
+        groups=label_by_names,
+        input_shape=tuple(input_shape),
+    )
+
+
+registry.register("model", "conv4", Conv4Config, make)

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from metalearn import registry
+from metalearn.checks import MAX_DEPTH, at_most, require, width
+from metalearn.models import Model, ModelConfig
+from metalearn.models.groups import label_by_names
 
 
-def init(key: jax.Array, n_out: int, *, in_features: int, hidden: int = 40, layers: int = 2):
+@dataclass
+class MLPConfig(ModelConfig):
+    name: str = "mlp"
+    hidden: int = 40
+    layers: int = 2
+
+    def __post_init__(self) -> None:
+        width("model.hidden", self.hidden)
+        require(self.layers >= 1, f"model.layers={self.layers} must be >= 1.")
+        at_most("model.layers", self.layers, MAX_DEPTH)
+
+
+def init(key: jax.Array, n_out: int | None, *, in_features: int, hidden: int = 40, layers: int = 2):
     """Blocks of (w, b) then a linear head, LeCun-normal weights and zero biases.
 
     (The MAML reference draws weights with std 0.01, which leaves a 40-40 ReLU net in a plateau
@@ -17,6 +37,8 @@ def init(key: jax.Array, n_out: int, *, in_features: int, hidden: int = 40, laye
     blocks = [
         _dense(k, fan_in, fan_out) for k, fan_in, fan_out in zip(keys[:-1], sizes[:-1], sizes[1:])
     ]
+    if n_out is None:  # features only
+        return {"blocks": blocks}
     return {"blocks": blocks, "head": _dense(keys[-1], sizes[-1], n_out)}
 
 
@@ -35,5 +57,25 @@ def embed(params, x: jax.Array, hook=None) -> jax.Array:
     return h
 
 
+def head(params, features: jax.Array) -> jax.Array:
+    return features @ params["head"]["w"] + params["head"]["b"]
+
+
 def apply(params, x: jax.Array) -> jax.Array:
-    return embed(params, x) @ params["head"]["w"] + params["head"]["b"]
+    return head(params, embed(params, x))
+
+
+def make(cfg: MLPConfig, input_shape: tuple[int, ...]) -> Model:
+    return Model(
+        init=lambda key, n_out: init(
+            key, n_out, in_features=int(np.prod(input_shape)), hidden=cfg.hidden, layers=cfg.layers
+        ),
+        apply=apply,
+        embed=embed,
+        head=head,
+        groups=label_by_names,
+        input_shape=tuple(input_shape),
+    )
+
+
+registry.register("model", "mlp", MLPConfig, make)

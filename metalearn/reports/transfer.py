@@ -11,14 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metalearn.compare import (
-    differing_overrides,
-    finite,
-    objective_of,
-    render_markdown,
-    task_names,
-)
-from metalearn.plots import MAX_INCHES, plain_text, save_png
+from metalearn.reports.plots import MAX_INCHES, plain_text, save_png
+from metalearn.reports.runs import finite
+from metalearn.reports.table import differing_overrides, objective_of, render_markdown, task_names
 from metalearn.rundir import RunDirError, atomic_write_bytes
 
 

@@ -1,8 +1,8 @@
 """PNG plots for `metalearn compare --plot DIR`: learning curves and the test metrics.
 
-The functions take the run dicts `metalearn.compare.load_run` returns. matplotlib is imported
-inside them (with the Agg canvas, never pyplot), so `metalearn compare` without --plot does
-not import it. Every PNG is rendered to memory and written atomically.
+The functions take the run dicts `metalearn.reports.runs.load_run` returns. matplotlib is
+imported inside them (with the Agg canvas, never pyplot), so `metalearn compare` without --plot
+does not import it. Every PNG is rendered to memory and written atomically.
 
 What a damaged run cannot give is left out rather than raised: a metrics.jsonl line that is not
 a JSON object, a record whose step or metric is not a finite number, a test metric that is NaN.
@@ -12,49 +12,16 @@ Labels are drawn as plain text (a `$` in an override would otherwise be parsed a
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
-from metalearn.compare import (
-    Unreadable,
-    differing_overrides,
-    finite,
-    objective_of,
-    printable,
-    read_run_file,
-    table_order,
-)
+from metalearn.reports.runs import finite, load_metrics
+from metalearn.reports.table import differing_overrides, objective_of, printable, table_order
 from metalearn.rundir import atomic_write_bytes
 
 LEARNING_CURVES = "learning_curves.png"
 TEST_METRICS = "test_metrics.png"
 # Agg refuses images of 2^16 pixels or more on a side (at 110 dpi, about 595 inches).
 MAX_INCHES = 500.0
-
-
-def load_metrics(run: dict) -> list[dict]:
-    """The run's metrics.jsonl records, read once and kept in run["metrics"]."""
-    if "metrics" not in run:
-        run["metrics"] = read_records(Path(run["path"]))
-    return run["metrics"]
-
-
-def read_records(run_path: Path) -> list[dict]:
-    """metrics.jsonl's JSON objects. A line that is not one (cut short by a kill, garbage, bytes
-    that are not UTF-8) is skipped, and a file that cannot be read safely gives none."""
-    try:
-        data = read_run_file(run_path, "metrics.jsonl", limit=None)
-    except Unreadable:
-        return []
-    records = []
-    for line in (data or b"").splitlines():
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def plain_text(text) -> str:
