@@ -25,9 +25,13 @@ USAGE = """usage: metalearn COMMAND ...
 commands:
   train [key=value ...] [-m]    train a run (Hydra overrides; -m sweeps comma-separated values)
   eval RUN_DIR [key=value ...]  re-evaluate a run's best checkpoint (e.g. eval.num_tasks=2000)
+  predict RUN_DIR --support DIR --query DIR [--output FILE.csv]
+                                classify your own images with a trained run: one subfolder
+                                of images per class in --support, images to label in --query
   compare PATH [PATH ...]       one row per run found below the paths
 
-`metalearn train --help` lists the config groups and their options."""
+`metalearn train --help` lists the config groups and their options; `metalearn COMMAND
+--help` the arguments of the others."""
 
 log = logging.getLogger("metalearn")
 
@@ -80,7 +84,7 @@ def main() -> None:
 def _main() -> None:
     quiet_jax_probe()
     if len(sys.argv) < 2:
-        fail("give a command: train, eval or compare (`metalearn --help` says more).")
+        fail("give a command: train, eval, predict or compare (`metalearn --help` says more).")
     if sys.argv[1] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0)
@@ -91,12 +95,14 @@ def _main() -> None:
         hydra_train()
     elif command == "eval":
         eval_command(rest)
+    elif command == "predict":
+        predict_command(rest)
     elif command == "compare":
         from metalearn.reports.compare import compare_command
 
         compare_command(rest)
     else:
-        fail(f"unknown command {command!r}; the commands are train, eval and compare.")
+        fail(f"unknown command {command!r}; the commands are train, eval, predict and compare.")
 
 
 # ------------------------------------------------------------------------------------- train
@@ -118,6 +124,8 @@ def _hydra_train_task(dcfg) -> float | None:
         primary = _join_hosts(dcfg)
         run = RunDir(run.path, primary=primary)
         run, cfg, resume = run_plan.plan(dcfg, hydra_cfg, run, overrides)
+        from metalearn.api import SPEC_FILE
+        from metalearn.data.base import spec_of
         from metalearn.train import prepare, train
 
         session = prepare(cfg, run, resume)  # every check, before anything is written
@@ -127,6 +135,8 @@ def _hydra_train_task(dcfg) -> float | None:
             return _objective(json.loads((run.path / "summary.json").read_text()))
         run_plan.write_run_config(run, hydra_cfg, cfg, overrides)
         written = True
+        # What the model and learner are built from, so that they load without the data.
+        run.write_json(SPEC_FILE, spec_of(session.exp.source).to_json())
         handler = _log_handler(run)
         logging.getLogger().addHandler(handler)
         try:
@@ -328,3 +338,167 @@ def evaluate_run(
         name = f"{stamp}_{split}_{n}"
     run.write_json(f"evals/{name}.json", result)
     return result
+
+
+# ----------------------------------------------------------------------------------- predict
+
+# The files `metalearn predict` reads as images (by suffix, any case); others are left alone.
+IMAGE_SUFFIXES = frozenset(
+    ".png .jpg .jpeg .bmp .gif .tif .tiff .webp .ppm .pgm .pbm".split()
+)  # fmt: skip
+
+
+def predict_command(argv: list[str]) -> None:
+    parser = ArgumentParser(
+        prog="metalearn predict",
+        description="Classify your own images with a trained run, without its dataset: adapt "
+        "to the labelled images in --support (one subfolder per class; the classes are the "
+        "subfolder names, sorted, and their number is the task's N) and print "
+        "`path,predicted_class` for each image below --query. The images go through the "
+        "pipeline of the run's data (resizing, grayscale or RGB, inversion, / 255). Nothing "
+        "in RUN_DIR is written.",
+    )
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run directory `metalearn train` wrote"
+    )
+    parser.add_argument(
+        "--support", required=True, metavar="DIR",
+        help="a folder with one subfolder of images per class",
+    )  # fmt: skip
+    parser.add_argument(
+        "--query", required=True, metavar="DIR",
+        help="a folder of images to classify (subfolders included)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", metavar="FILE.csv",
+        help="also write the predictions (with a header line) to this CSV file, atomically; "
+        "never inside a run directory",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint", default="best", choices=["best", "latest"],
+        help="the run's best validation checkpoint (default) or its latest",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        output = None if args.output is None else _output_path(Path(args.output), args.run_dir)
+        rows = predict_folders(args.run_dir, args.support, args.query, args.checkpoint)
+        if output is not None:
+            from metalearn.rundir import atomic_write_bytes
+
+            atomic_write_bytes(output, _csv([("path", "predicted_class"), *rows]).encode())
+    except Exception as error:
+        fail(_message(error))
+    sys.stdout.write(_csv(rows))
+
+
+def predict_folders(
+    run_dir: str, support: str, query: str, checkpoint: str = "best"
+) -> list[tuple[str, str]]:
+    """(query image path, predicted class name) for every image below `query`, by the run's
+    learner adapted to the images of `support` (one subfolder per class)."""
+    from metalearn.api import load_run
+    from metalearn.data.base import DataError
+
+    classes = _support_classes(Path(support))
+    queries = _images_below(Path(query), "--query")
+    if not queries:
+        raise DataError(
+            f"--query {query} holds no images (files ending in "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}): nothing to classify."
+        )
+    run = load_run(run_dir, checkpoint)
+    if not run.classification:
+        raise DataError(
+            f"{run_dir} was trained on regression data (data={run.config.data.name}): "
+            "`metalearn predict` classifies images, with a run trained on classification data."
+        )
+    support_files = [file for _, files in classes for file in files]
+    labels = [label for label, (_, files) in enumerate(classes) for _ in files]
+    # The query set is classified in one call, as an evaluation task's query set is.
+    predicted = run.classify(run.preprocess(support_files), labels, run.preprocess(queries))
+    return [(str(path), classes[int(c)][0]) for path, c in zip(queries, predicted, strict=True)]
+
+
+def _support_classes(folder: Path) -> list[tuple[str, list[Path]]]:
+    """(class name, its images) for each subfolder of the support folder, sorted by name."""
+    from metalearn.data.base import DataError
+
+    _check_folder(folder, "--support")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    loose = [p.name for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise DataError(
+            f"--support {folder} holds images outside class subfolders ({', '.join(loose[:3])}"
+            f"{', ...' if len(loose) > 3 else ''}): put each class's images in a subfolder "
+            "named after the class."
+        )
+    classes = [(p.name, _images_below(p, "--support")) for p in entries if p.is_dir()]
+    if len(classes) < 2:
+        raise DataError(
+            f"--support {folder} holds {len(classes)} class subfolder(s): give one subfolder of "
+            "images per class, at least 2 classes."
+        )
+    empty = [name for name, files in classes if not files]
+    if empty:
+        raise DataError(
+            f"The class folder {folder / empty[0]} holds no images (files ending in "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}): every class needs at least one support "
+            "image."
+        )
+    return classes
+
+
+def _check_folder(folder: Path, option: str) -> None:
+    from metalearn.data.base import DataError
+
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"{option} {folder} {what}: give a folder of images.")
+
+
+def _images_below(folder: Path, option: str) -> list[Path]:
+    """The image files below `folder` (hidden files and folders left out), sorted by path."""
+    from metalearn.data.base import DataError
+
+    _check_folder(folder, option)
+
+    def unlistable(error: OSError) -> None:
+        raise DataError(f"{option}: {error.filename} cannot be listed ({error.strerror or error}).")
+
+    found = []
+    for parent, dirs, files in os.walk(folder, onerror=unlistable, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [
+            Path(parent, name)
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _output_path(path: Path, run_dir: str) -> Path:
+    """--output, checked before any work: a file path outside every run directory."""
+    from metalearn.rundir import RunDirError
+
+    if path.is_dir():
+        raise RunDirError(f"--output {path} is a folder: give the path of a CSV file.")
+    target = path.resolve()
+    for folder in target.parents:
+        if folder == Path(run_dir).resolve() or any(
+            (folder / marker).is_file() for marker in (".hydra/config.yaml", "summary.json")
+        ):
+            raise RunDirError(
+                f"--output {path} is inside the run directory {folder}: `metalearn predict` "
+                "never writes into a run, so that its files stay what training wrote. Give a "
+                "path outside it."
+            )
+    return path
+
+
+def _csv(rows) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()

@@ -323,8 +323,8 @@ def _check_combination(cfg: Config) -> None:
             f"{_names_with('multitask_data', True)} train; meta-learning algorithms need a task "
             "distribution (e.g. data=omniglot)."
             if data.multitask
-            else f"algo={algo.name} trains on a fixed set of tasks with ids, so it needs "
-            "multi-task data (e.g. data=omniglot_alphabets or data=multi_sinusoid)."
+            else f"algo={algo.name} needs multi-task data, a fixed set of tasks with ids (e.g. "
+            "data=omniglot_alphabets or data=multi_sinusoid)."
         ),
     )
     require(

@@ -21,6 +21,7 @@ from metalearn.algorithms.base import LossFn, task_loss_fn
 from metalearn.config import Config, ConfigError
 from metalearn.data import TaskSource, make_task_source
 from metalearn.evaluate import make_evaluator
+from metalearn.init_from import load_pretrained
 from metalearn.memory import check_fits, compiled_bytes, tree_bytes
 from metalearn.models import Model, make_model
 from metalearn.progress import Reporter
@@ -260,7 +261,10 @@ def prepare(cfg: Config, run: RunDir, resume: bool = False) -> Session:
     check_fits(
         3 * tree_bytes(shapes), "The model with its optimiser state", f"{n_params:,} parameters"
     )
-    state = initial_state(exp, exp.algo.init(init_key))
+    params = exp.algo.init(init_key)
+    if cfg.algo.init_from and not resume:
+        params = load_pretrained(params, exp.model, cfg.algo.init_from, cfg.algo.init_groups)
+    state = initial_state(exp, params)
     progress = {"step": 0, "best": {"score": -math.inf, "step": 0, "metrics": None},
                 "train_time_s": 0.0, "compile_time_s": 0.0, "elapsed_s": 0.0}  # fmt: skip
     if resume:

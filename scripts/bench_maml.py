@@ -7,6 +7,10 @@ the speedup column (fastest PyTorch s/step / this s/step, same order and downsam
     python scripts/bench_maml.py                 # full table -> scripts/bench_maml_results.md
     python scripts/bench_maml.py --quick         # smoke run, tiny sizes
     python scripts/bench_maml.py --only jax --downsample maxpool --order second
+    python scripts/bench_maml.py --flax          # also model=flax (scripts/flax_conv4.py)
+
+The metalearn rows time the train step `metalearn train` itself compiles (train.prepare), not a
+copy of it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 N_WAY, K_SHOT, N_QUERY, INNER_LR, OUTER_LR, IMAGE = 5, 1, 15, 0.4, 1e-3, 28
+# model=flax: a Flax NNX conv4 defined like the built-in one (scripts/flax_conv4.py)
+FLAX_CONV4 = "flax_conv4:Conv4"
 
 
 def _peak_rss_gb() -> float:
@@ -40,90 +46,83 @@ def _timed_steps(run_step, steps: int, warmup: int) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------- JAX
+def jax_overrides(cfg: dict) -> list[str]:
+    """The `metalearn train` command line of this configuration."""
+    overrides = [
+        "data=omniglot",
+        "algo=maml",
+        f"data.n_way={N_WAY}",
+        f"data.k_shot={K_SHOT}",
+        f"data.k_query={N_QUERY}",
+        f"data.image_size={IMAGE}",
+        f"algo.inner_lr={INNER_LR}",
+        f"algo.inner_steps={cfg['inner_steps']}",
+        f"algo.first_order={str(cfg['order'] == 'first').lower()}",
+        f"train.outer_lr={OUTER_LR}",
+        f"train.meta_batch={cfg['meta_batch']}",
+    ]
+    if cfg.get("omniglot"):
+        overrides.append(f"data.root={cfg['omniglot']}")
+    if cfg["task_chunk"] is not None:  # 0: the whole meta-batch at once
+        overrides.append(f"train.task_chunk={cfg['task_chunk'] or cfg['meta_batch']}")
+    if cfg["model"] == "flax":
+        sys.path.insert(0, str(ROOT / "scripts"))
+        overrides += ["model=flax", f"model.module={FLAX_CONV4}",
+                      f"model.kwargs={{downsample: {cfg['downsample']}}}"]  # fmt: skip
+    else:
+        overrides.append(f"model.downsample={cfg['downsample']}")
+    return overrides
+
+
 def run_jax(cfg: dict) -> dict:
+    """Time the train step `metalearn train` runs: composed by Hydra from the same overrides,
+    built, checked and compiled by train.prepare, fed its own Omniglot episodes (sampled inside
+    the step, as in training)."""
     sys.path.insert(0, str(ROOT))
-    from functools import partial
+    import tempfile
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
+    from hydra import compose, initialize_config_dir
 
-    from metalearn.models import conv4
-    from metalearn.task_chunks import auto_task_chunk, mean_over_chunks
+    from metalearn.config import register_schemas, to_config
+    from metalearn.rundir import RunDir
+    from metalearn.train import prepare
 
-    d, first_order, t = cfg["downsample"], cfg["order"] == "first", cfg["meta_batch"]
-    conv_impl = cfg.get("conv_impl")  # None: the model's default for this backend
-    adam = optax.adam(OUTER_LR)
-
-    # The step metalearn's MAML uses (metalearn/algorithms/maml.py has this shape).
-    def loss(params, x, y):
-        logits = conv4.apply(params, x, downsample=d, conv_impl=conv_impl)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def adapt(params, sx, sy):
-        for _ in range(cfg["inner_steps"]):
-            g = jax.grad(loss)(params, sx, sy)
-            if first_order:
-                g = jax.lax.stop_gradient(g)
-            params = jax.tree.map(lambda p, g: p - INNER_LR * g, params, g)
-        return params
-
-    def task_loss(params, sx, sy, qx, qy):
-        return loss(adapt(params, sx, sy), qx, qy)
-
-    def meta_loss(params, batch):
-        return jax.vmap(task_loss, (None, 0, 0, 0, 0))(params, *batch).mean()
-
-    def chunk_gradient(params, batch):
-        loss_value, g = jax.value_and_grad(meta_loss)(params, batch)
-        return g, loss_value
-
-    # metalearn walks the meta-batch in chunks of tasks (metalearn/task_chunks.py); 0: whole
-    ns, nq = N_WAY * K_SHOT, N_WAY * N_QUERY
-    chunk = cfg["task_chunk"]
-    chunk = auto_task_chunk(t, ns + nq, image_data=True) if chunk is None else chunk or t
-
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, batch):
-        g, chunk_losses = mean_over_chunks(chunk_gradient, params, batch, chunk)
-        u, opt_state = adam.update(g, opt_state, params)
-        return optax.apply_updates(params, u), opt_state, chunk_losses.mean()
-
-    rng = np.random.default_rng(0)
-    batch = (
-        jnp.asarray(rng.standard_normal((t, ns, IMAGE, IMAGE, 1)), jnp.float32),
-        jnp.asarray(np.tile(np.repeat(np.arange(N_WAY), K_SHOT), (t, 1)), jnp.int32),
-        jnp.asarray(rng.standard_normal((t, nq, IMAGE, IMAGE, 1)), jnp.float32),
-        jnp.asarray(np.tile(np.repeat(np.arange(N_WAY), N_QUERY), (t, 1)), jnp.int32),
-    )
-    params = conv4.init(jax.random.key(0), N_WAY, downsample=d)
-    opt_state = adam.init(params)
-
-    t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
+    overrides = jax_overrides(cfg)
+    register_schemas()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        config = to_config(compose("config", overrides=overrides), overrides)
+    with tempfile.TemporaryDirectory() as folder:  # prepare writes nothing; the run is never made
+        session = prepare(config, RunDir(Path(folder) / "run"))
+    cost = session.train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    state = {"p": params, "o": opt_state}
+    state = {"s": session.state, "step": 0}
 
     def run_step():
-        state["p"], state["o"], loss_value = compiled(state["p"], state["o"], batch)
-        state["loss"] = float(loss_value)  # blocks until the step is done
+        state["step"] += 1
+        key = jax.random.fold_in(session.train_key, state["step"])
+        state["s"], metrics = session.train_step(
+            state["s"], session.train_arrays, key, state["step"]
+        )
+        state["loss"] = float(metrics["loss"])  # blocks until the step is done
 
     times = _timed_steps(run_step, cfg["steps"], cfg["warmup"])
+    chunk = config.train.task_chunk
+    if chunk is None:
+        from metalearn.task_chunks import auto_task_chunk
+
+        chunk = auto_task_chunk(cfg["meta_batch"], N_WAY * (K_SHOT + N_QUERY), image_data=True)
     return {
         "times": times,
-        "compile_s": compile_s,
+        "compile_s": session.progress["compile_time_s"],
         # XLA counts a loop body once: one chunk's FLOPs (plus the optimizer's, negligible)
-        "gflop": (cost or {}).get("flops", 0.0) / 1e9 * (t // chunk),
+        "gflop": (cost or {}).get("flops", 0.0) / 1e9 * (cfg["meta_batch"] // chunk),
         "loss": state["loss"],
         "backend": jax.default_backend(),
         "task_chunk": chunk,
     }
 
 
-# --------------------------------------------------------------------------------- PyTorch
 def _torch_model(downsample: str):
     from torch import nn
 
@@ -260,7 +259,16 @@ def main() -> None:
     ap.add_argument("--only", choices=["jax", "torch"], help="run one side only")
     ap.add_argument("--order", choices=["second", "first"], action="append")
     ap.add_argument("--downsample", choices=["maxpool", "stride"], action="append")
-    ap.add_argument("--conv-impl", help="override metalearn's conv path (xla | im2col)")
+    ap.add_argument(
+        "--flax",
+        action="store_true",
+        help="also time the same step with model=flax and a Flax conv4 like the built-in one",
+    )
+    ap.add_argument(
+        "--omniglot",
+        default=str(ROOT.parent / "shared" / "data" / "omniglot"),
+        help="the Omniglot release folder (data.root); the episodes are real Omniglot tasks",
+    )
     ap.add_argument(
         "--task-chunk",
         type=int,
@@ -282,7 +290,8 @@ def main() -> None:
     configs = []
     for d in args.downsample or ["maxpool", "stride"]:
         for order in args.order or ["second", "first"]:
-            impls = ([] if args.only == "torch" else ["jax (metalearn)"]) + (
+            jax_impls = ["jax (metalearn)"] + (["jax (model=flax)"] if args.flax else [])
+            impls = ([] if args.only == "torch" else jax_impls) + (
                 [] if args.only == "jax" else torch_impls
             )
             jax_chunks = args.task_chunk or [None]  # None: metalearn's automatic choice
@@ -297,7 +306,8 @@ def main() -> None:
                             "inner_steps": args.inner_steps,
                             "steps": args.steps,
                             "warmup": args.warmup,
-                            "conv_impl": args.conv_impl,
+                            "model": "flax" if impl == "jax (model=flax)" else "conv4",
+                            "omniglot": args.omniglot,
                             "task_chunk": chunk,
                         }
                     )
@@ -345,8 +355,10 @@ def _table(rows: list[dict], args, l2l_missing: str | None) -> str:
             key = (r["order"], r["downsample"])
             best[key] = min(best.get(key, float("inf")), r["median"])
     lines = [
-        f"MAML outer step, Omniglot {N_WAY}-way {K_SHOT}-shot, conv4-64, {IMAGE}x{IMAGE}x1 random "
-        f"inputs, {N_QUERY} queries/class, meta-batch {args.meta_batch}, "
+        f"MAML outer step, Omniglot {N_WAY}-way {K_SHOT}-shot, conv4-64, {IMAGE}x{IMAGE}x1 "
+        "(metalearn: the train step `metalearn train data=omniglot algo=maml` compiles, on its "
+        "own Omniglot episodes; PyTorch: random inputs of the same shapes), "
+        f"{N_QUERY} queries/class, meta-batch {args.meta_batch}, "
         f"{args.inner_steps} inner SGD step(s) lr {INNER_LR}, Adam {OUTER_LR}, float32, "
         f"{os.cpu_count()} CPU cores. Median of {args.steps} steps after {args.warmup} warm-up; "
         "each configuration in a fresh process; speedup = fastest PyTorch s/step (same order "
@@ -375,7 +387,7 @@ def _table(rows: list[dict], args, l2l_missing: str | None) -> str:
         )
     so_fo = {}
     for r in rows:
-        if "median" in r and r["impl"].startswith("jax"):  # the first --task-chunk given
+        if "median" in r and r["impl"] == "jax (metalearn)":  # the first --task-chunk given
             so_fo.setdefault((r["downsample"], r["order"]), r["median"])
     for d in ("maxpool", "stride"):
         if (d, "second") in so_fo and (d, "first") in so_fo:
@@ -383,6 +395,16 @@ def _table(rows: list[dict], args, l2l_missing: str | None) -> str:
             lines.append(
                 f"JAX {d}: second/first order time ratio "
                 f"{so_fo[(d, 'second')] / so_fo[(d, 'first')]:.2f}"
+            )
+    builtin = {(r["order"], r["downsample"]): r["median"] for r in rows
+               if r.get("median") and r["impl"] == "jax (metalearn)"}  # fmt: skip
+    for r in rows:
+        key = (r["order"], r["downsample"])
+        if r.get("median") and r["impl"] == "jax (model=flax)" and key in builtin:
+            lines.append("")
+            lines.append(
+                f"model=flax / built-in conv4, {key[0]} order {key[1]}: "
+                f"{r['median'] / builtin[key]:.2f}x the time per step"
             )
     lines.append("")
     lines.append(

@@ -145,7 +145,7 @@ def test_finetune_freeze_and_layer_decay():
     cfg = FinetuneConfig(inner_lr=0.1, inner_steps=3, layer_decay=0.5, freeze=1, reinit_head=True)
     algo = ALGORITHMS["finetune"](cfg, exp.model, classification_loss, n_out=3, n_train_classes=10)
     params = algo.init(KEY)
-    lrs = layerwise_lrs(params, cfg)
+    lrs = layerwise_lrs(exp.model.groups(params), cfg)
     assert [float(b["w"]) for b in lrs["blocks"]] == [0.0, 0.1 * 0.5**2, 0.1 * 0.5]
     assert float(lrs["head"]["w"]) == 0.1
 

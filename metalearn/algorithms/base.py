@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import jax
@@ -35,6 +35,10 @@ class AlgoConfig:
     conditioned: ClassVar[bool] = False
 
     name: str = MISSING
+    # Start the model's parameter groups `init_groups` (labels: metalearn/models/groups.py) from
+    # the best checkpoint of another run of the same model, any algorithm (metalearn/init_from.py).
+    init_from: str | None = None
+    init_groups: list[str] = field(default_factory=lambda: ["blocks"])
 
     def __post_init__(self) -> None:
         pass

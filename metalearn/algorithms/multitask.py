@@ -17,7 +17,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metalearn import registry
@@ -26,7 +25,6 @@ from metalearn.checks import ConfigError, choice, positive, require
 from metalearn.conditioning import make_conditioned_model
 from metalearn.models import Model
 from metalearn.models.groups import block_index, depth
-from metalearn.rundir import RunDir, RunDirError
 from metalearn.types import Algorithm, Objective
 from metalearn.weighting import WEIGHTINGS, make_weighting, pairwise_distance_penalty
 
@@ -46,10 +44,9 @@ class MultitaskConfig(AlgoConfig):
     dwa_temperature: float = 2.0  # weighting=dwa: softmax temperature over loss ratios
     minmax_temperature: float = 0.0  # weighting=minmax: 0 is the hard max, > 0 a log-sum-exp
     soft_sharing: float = 0.0  # lambda of the pairwise parameter distance (conditioning=separate)
-    # Transfer: start the trunk from another multi-task run's best checkpoint (a run directory),
-    # then fine-tune with the first `freeze` blocks fixed and block i's steps scaled by
-    # layer_decay**(depth - i); the heads and conditioning start fresh.
-    init_from: str | None = None
+    # Transfer: start the trunk from another run's best checkpoint (algo.init_from, a run
+    # directory), then fine-tune with the first `freeze` blocks fixed and block i's steps scaled
+    # by layer_decay**(depth - i); the heads and conditioning start fresh.
     freeze: int = 0
     layer_decay: float = 1.0
 
@@ -122,10 +119,7 @@ def make(
                 f"algo.freeze / algo.layer_decay need one shared trunk; "
                 f"conditioning={config.conditioning.name} has none."
             )
-        params = {"model": model_params, "weighting": weighting.init_params(n_tasks)}
-        if cfg.init_from:
-            params = with_pretrained_trunk(params, labels(params), cfg.init_from)
-        return params
+        return {"model": model_params, "weighting": weighting.init_params(n_tasks)}
 
     def step_factors(params):
         """Fine-tuning's per-block step sizes: 0 for frozen blocks, decaying with depth."""
@@ -209,37 +203,6 @@ def scale_by_tree(factors_of) -> optax.GradientTransformation:
         return jax.tree.map(lambda u, f: u * f, updates, factors_of(updates)), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def with_pretrained_trunk(params, labels, run_dir: str):
-    """params with its shared trunk's blocks (leaves labelled blocks.<i>) taken from the best
-    checkpoint of the multi-task run in run_dir, read by tree path (no dataset is rebuilt)."""
-    try:
-        stored = RunDir(run_dir).read_arrays("best")
-    except RunDirError as error:
-        raise ConfigError(f"algo.init_from={run_dir} cannot be read: {error}") from None
-    problem = None
-
-    def take(path, leaf, label):
-        nonlocal problem
-        if block_index(label) is None:
-            return leaf
-        key = jax.tree_util.keystr(path)
-        have = stored.get(key)
-        if have is None or have.shape != np.shape(leaf):
-            problem = problem or key
-            return leaf
-        return jnp.asarray(have, leaf.dtype)
-
-    loaded = jax.tree_util.tree_map_with_path(take, params, labels)
-    if problem is not None or not depth(labels):
-        raise ConfigError(
-            f"algo.init_from={run_dir} cannot initialise this model ({problem or 'no trunk'} "
-            "is missing or of another shape there): it needs a multi-task run with one shared "
-            "trunk (conditioning none, additive, film or multihead) of the same model and size "
-            "as this run's (whose conditioning also has one)."
-        )
-    return loaded
 
 
 registry.register("algo", "multitask", MultitaskConfig, make)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from omegaconf import MISSING
 
@@ -148,6 +149,13 @@ def open_images(images: Any) -> list:
     if not items:
         raise DataError("No images were given (an empty list).")
     return [_open_image(item, i) for i, item in enumerate(items)]
+
+
+def scale_pixels(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels as a model reads them: float32 pixels / 255, computed on the device as the
+    episode sampler does (data/episodic.py; XLA multiplies by the reciprocal, which can differ
+    from numpy's division in the last bit), so preprocessed images equal training inputs."""
+    return np.asarray(jnp.asarray(pixels).astype(jnp.float32) / 255.0)
 
 
 def _open_image(item: Any, index: int):

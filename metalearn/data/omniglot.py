@@ -40,7 +40,14 @@ from PIL import Image
 
 from metalearn import registry
 from metalearn.checks import ConfigError, check_seed, choice, require
-from metalearn.data.base import SPLITS, DataError, EpisodicDataConfig, TaskSource, open_images
+from metalearn.data.base import (
+    SPLITS,
+    DataError,
+    EpisodicDataConfig,
+    TaskSource,
+    open_images,
+    scale_pixels,
+)
 
 SETS = ("images_background", "images_evaluation")
 URLS = {s: f"https://github.com/brendenlake/omniglot/raw/master/python/{s}.zip" for s in SETS}
@@ -595,10 +602,10 @@ class OmniglotConfig(EpisodicDataConfig):
 
     def preprocess(self, images) -> np.ndarray:
         """Images of any size and mode (file paths, PIL images, arrays; data/base.py::open_images)
-        as the model reads them in training: float32 [N, S, S, 1], `decode_image(...) / 255`.
+        as the model reads them in training: float32 [N, S, S, 1], decode_image / 255.
         Give drawings as Omniglot's files are: dark strokes on a light background."""
         pixels = np.stack([decode_image(im, self.image_size) for im in open_images(images)])
-        return (pixels.astype(np.float32) / np.float32(255))[..., None]
+        return scale_pixels(pixels)[..., None]
 
 
 def make_source(cfg: OmniglotConfig) -> TaskSource:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from metalearn import registry
 from metalearn.checks import ConfigError, check_seed, choice, require
-from metalearn.data.base import EpisodicDataConfig, open_images
+from metalearn.data.base import EpisodicDataConfig, open_images, scale_pixels
 from metalearn.data.omniglot import DataError, identical, read_cache_file, write_cache_file
 
 log = logging.getLogger("metalearn")
@@ -157,7 +157,7 @@ class TfdsConfig(EpisodicDataConfig):
 
     def preprocess(self, images) -> np.ndarray:
         """Images of any size and mode (file paths, PIL images, arrays; data/base.py::open_images)
-        as the model reads them in training: float32 [N, S, S, C], `decode_image(...) / 255`
+        as the model reads them in training: float32 [N, S, S, C], decode_image / 255,
         with this option's image_size, channels and invert."""
         pixels = np.stack(
             [
@@ -165,7 +165,7 @@ class TfdsConfig(EpisodicDataConfig):
                 for im in open_images(images)
             ]
         )
-        return pixels.astype(np.float32) / np.float32(255)
+        return scale_pixels(pixels)
 
 
 class TfdsArrays(NamedTuple):
