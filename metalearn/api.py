@@ -27,7 +27,7 @@ from metalearn import registry
 from metalearn.algorithms.base import task_loss_fn
 from metalearn.config import Config, ConfigError
 from metalearn.data.base import DataError, DataSpec, source_of, spec_of
-from metalearn.models import make_model
+from metalearn.models import make_model, norm
 from metalearn.rundir import RunDir, RunDirError
 from metalearn.types import Algorithm, Split
 
@@ -254,8 +254,16 @@ class Run:
                     f"{self.spec.n_out} classes (labels 0..{self.spec.n_out - 1})."
                 )
         steps = self.inner_steps
-        adapt = jax.jit(lambda params, support, key: algo.adapt(params, support, key, steps))
-        self._learners[n_way] = (adapt, jax.jit(algo.predict))
+
+        def adapt(params, support, key):
+            with norm.testing():  # inductive batch norm: the running statistics
+                return algo.adapt(params, support, key, steps)
+
+        def predict(params, task_params, x):
+            with norm.testing():
+                return algo.predict(params, task_params, x)
+
+        self._learners[n_way] = (jax.jit(adapt), jax.jit(predict))
         return self._learners[n_way]
 
     def adapt(self, support_x, support_y, key=None) -> TaskParams:

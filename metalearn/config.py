@@ -343,10 +343,21 @@ def _check_combination(cfg: Config) -> None:
         f"model={model.name} takes {' or '.join(model.inputs)}; data={data.name} has "
         f"{data.inputs} (e.g. model=mlp takes both).",
     )
+    norm = getattr(model, "norm", "transductive")  # models without batch norm have no mode
+    require(
+        norm in algo.norms,
+        f"model.norm={norm} is not allowed with algo={algo.name}, which supports "
+        f"{' or '.join(algo.norms)} batch norm; inductive batch norm works with "
+        f"algo in {_names_with_norm('inductive')}.",
+    )
     for group in (cfg.data, cfg.model, cfg.conditioning, cfg.algo):
         check_with = getattr(group, "check_with", None)
         if check_with is not None:
             check_with(cfg)
+
+
+def _names_with_norm(norm: str) -> list[str]:
+    return sorted(name for name, schema in schemas("algo").items() if norm in schema.norms)
 
 
 def _names_with(capability: str, value: Any) -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from metalearn.algorithms.base import LossFn
 from metalearn.data import TaskSource
+from metalearn.models import norm
 from metalearn.task_chunks import auto_chunk_for
 from metalearn.types import Algorithm
 
@@ -40,7 +41,8 @@ def make_evaluator(
         def one(i):
             k_task, k_adapt = jax.random.split(jax.random.fold_in(base_key, i))
             task = draw(k_task, arrays, i)
-            return algo.evaluate(params, task, k_adapt, inner_steps)[1]
+            with norm.testing():  # inductive batch norm: the running statistics
+                return algo.evaluate(params, task, k_adapt, inner_steps)[1]
 
         size = batch
         if size is None:  # as a training step's chunk (metalearn/task_chunks.py), capped

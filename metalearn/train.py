@@ -24,6 +24,8 @@ from metalearn.evaluate import make_evaluator
 from metalearn.init_from import load_pretrained
 from metalearn.memory import check_fits, compiled_bytes, tree_bytes
 from metalearn.models import Model, make_model
+from metalearn.models.groups import path_name
+from metalearn.models.norm import is_state
 from metalearn.progress import Reporter
 from metalearn.rundir import RunDir
 from metalearn.task_chunks import auto_chunk_for, mean_over_chunks
@@ -79,7 +81,31 @@ def build(cfg: Config) -> Experiment:
         config=cfg,
         source=source,
     )
-    return Experiment(cfg, source, model, algo, loss_fn, algo.optimizer(cfg.train))
+    optimizer = algo.optimizer(cfg.train)
+    template = jax.eval_shape(algo.init, jax.random.PRNGKey(0))
+    if any(is_state(path_name(p)) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]):
+        optimizer = with_running_statistics(optimizer)
+    return Experiment(cfg, source, model, algo, loss_fn, optimizer)
+
+
+def _state_labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "state" if is_state(path_name(path)) else "trained", params
+    )
+
+
+def with_running_statistics(optimizer) -> optax.GradientTransformation:
+    """The algorithm's optimizer for the parameters, SGD with rate 1 for running statistics,
+    whose 'gradient' is already their moving-average step (metalearn/models/norm.py)."""
+    return optax.multi_transform({"trained": optimizer, "state": optax.sgd(1.0)}, _state_labels)
+
+
+def _per_task_state_steps(grads, n_tasks: int):
+    """A chunk's running-statistics steps are summed over its tasks (norm.track ignores the
+    loss's 1/n weighting); divide them so they are the mean over tasks like every gradient."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, g: g / n_tasks if is_state(path_name(path)) else g, grads
+    )
 
 
 def task_mesh(meta_batch: int) -> Mesh | None:
@@ -143,7 +169,8 @@ def make_train_step(
                     return losses.mean(), metrics
 
                 (_, metrics), grads = jax.value_and_grad(mean_loss, has_aux=True)(p)
-                return grads, metrics
+                n_tasks = jax.tree.leaves(chunk_tasks)[0].shape[0]
+                return _per_task_state_steps(grads, n_tasks), metrics
 
             return mean_over_chunks(chunk_gradient, params, (tasks, keys), chunk * n_devices)
 

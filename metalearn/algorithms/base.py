@@ -26,13 +26,17 @@ class AlgoConfig:
     kinds: the data kinds it learns from ("classification", "regression");
     multitask_data: trains one model on a fixed set of tasks with ids (multi-task data), not
         on a task distribution;
-    conditioned: feeds a task descriptor through the conditioning group.
+    conditioned: feeds a task descriptor through the conditioning group;
+    norms: the batch-norm modes it supports (metalearn/models/norm.py): inductive needs a
+        training objective whose batch norms see each task's batches once, not through a
+        learned update rule (Reptile's, iMAML's) or a task weighting.
     An algorithm's own cross-group rules go in `check_with(config)`.
     """
 
     kinds: ClassVar[tuple[str, ...]] = ("classification", "regression")
     multitask_data: ClassVar[bool] = False
     conditioned: ClassVar[bool] = False
+    norms: ClassVar[tuple[str, ...]] = ("transductive",)
 
     name: str = MISSING
     # Start the model's parameter groups `init_groups` (labels: metalearn/models/groups.py) from

@@ -10,6 +10,7 @@ labels (metalearn/models/groups.py), whatever its layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +26,13 @@ from metalearn.checks import (
     require,
 )
 from metalearn.models import Model
-from metalearn.models.groups import HEAD, block_index, combine, depth, partition
+from metalearn.models.groups import HEAD, STATE, block_index, combine, depth, partition
 from metalearn.types import Algorithm
 
 
 @dataclass
 class FinetuneConfig(AlgoConfig):
+    norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
     name: str = "finetune"
     inner_lr: float = 0.01  # fine-tuning learning rate at meta-test
     inner_steps: int = 10  # fine-tuning steps at meta-test
@@ -67,6 +69,8 @@ def layerwise_lrs(labels, cfg: FinetuneConfig):
     n = depth(labels)
 
     def rate(label):
+        if label == STATE:  # running statistics are not fine-tuned
+            return 0.0
         i = block_index(label)
         if i is None:
             return cfg.inner_lr

@@ -18,6 +18,7 @@ The inner loop is jax.grad inside the outer jax.value_and_grad. Options (each a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ from metalearn.types import Algorithm
 
 @dataclass
 class MAMLConfig(AlgoConfig):
+    norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
     name: str = "maml"
     inner_lr: float = 0.4
     inner_steps: int = 1

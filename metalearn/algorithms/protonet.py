@@ -16,6 +16,7 @@ from metalearn.types import Algorithm
 
 @dataclass
 class ProtoNetConfig(AlgoConfig):
+    norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
     kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
     name: str = "protonet"

@@ -26,6 +26,7 @@ from metalearn.types import Algorithm
 
 @dataclass
 class R2D2Config(AlgoConfig):
+    norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
     kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
     name: str = "r2d2"

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from metalearn import registry
-from metalearn.checks import choice, width
-from metalearn.models import Model, ModelConfig, conv_ops
+from metalearn.checks import choice, require, width
+from metalearn.models import Model, ModelConfig, conv_ops, norm
 from metalearn.models.groups import label_by_names
+from metalearn.models.norm import NORMS
 
 Params = dict[str, Any]
 DOWNSAMPLE = ("stride", "maxpool")
@@ -26,10 +27,19 @@ class Conv4Config(ModelConfig):
     name: str = "conv4"
     hidden: int = 64  # filters per block
     downsample: str = "stride"  # stride (MAML's Omniglot net) | maxpool
+    # batch-norm statistics: transductive (each batch's own) | inductive (running averages,
+    # used at meta-test; metalearn/models/norm.py), updated with rate norm_momentum
+    norm: str = "transductive"
+    norm_momentum: float = 0.1
 
     def __post_init__(self) -> None:
         width("model.hidden", self.hidden)
         choice("model.downsample", self.downsample, DOWNSAMPLE)
+        choice("model.norm", self.norm, NORMS)
+        require(
+            0 < self.norm_momentum <= 1,
+            f"model.norm_momentum={self.norm_momentum} must be in (0, 1].",
+        )
 
 
 def init(
@@ -40,9 +50,10 @@ def init(
     hidden: int = 64,
     downsample: str = "stride",
     image_size: int = 28,
+    norm: str = "transductive",
 ) -> Params:
     """Glorot-uniform conv and head weights, zero biases, BN scale 1 and offset 0 (no head when
-    n_out is None)."""
+    n_out is None); norm=inductive adds running statistics (mean 0, variance 1) per block."""
     _check(downsample)
     del image_size  # both downsample modes end in a [B, hidden] feature, whatever the size
     conv_init = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)
@@ -58,6 +69,9 @@ def init(
                 "offset": jnp.zeros((hidden,), jnp.float32),
             }
         )
+        if norm == "inductive":
+            blocks[-1]["running_mean"] = jnp.zeros((hidden,), jnp.float32)
+            blocks[-1]["running_var"] = jnp.ones((hidden,), jnp.float32)
         cin = hidden
     if n_out is None:
         return {"blocks": blocks}
@@ -76,11 +90,21 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
 
 
 def block(
-    p: dict[str, jax.Array], x: jax.Array, *, downsample: str, conv_impl: str | None = None
+    p: dict[str, jax.Array],
+    x: jax.Array,
+    *,
+    downsample: str,
+    conv_impl: str | None = None,
+    momentum: float = 0.1,
 ) -> jax.Array:
-    """conv 3x3 SAME -> batch norm -> ReLU (-> 2x2 max-pool)."""
+    """conv 3x3 SAME -> batch norm -> ReLU (-> 2x2 max-pool). A block with running statistics
+    (norm=inductive) normalises with them at meta-test and tracks the batch's in training."""
     stride = 2 if downsample == "stride" else 1
     z, mean, var = conv_ops.conv2d_moments(x, p["w"], stride, impl=conv_impl)
+    inductive = "running_mean" in p
+    batch_mean, batch_var = mean, var
+    if inductive and norm.is_testing():
+        mean, var = p["running_mean"], p["running_var"]
     if downsample == "maxpool":
         # max-pool(ReLU(BN(z))) computed as ReLU(BN(pooled z)): BN is a per-channel affine
         # map, monotone in z with the sign of its scale, and ReLU is monotone, so pooling s * z
@@ -92,28 +116,45 @@ def block(
         z = conv_ops.signed_max_pool2x2(z, s)
     # The conv bias shifts z and its batch mean alike (it cancels in BN), so it is added here,
     # after pooling, instead of as one more pass over the full-resolution conv output.
-    norm = (z + p["b"] - (mean + p["b"])) * (p["scale"] * jax.lax.rsqrt(var + BN_EPS))
-    return jax.nn.relu(norm + p["offset"])
+    normed = (z + p["b"] - (mean + p["b"])) * (p["scale"] * jax.lax.rsqrt(var + BN_EPS))
+    out = jax.nn.relu(normed + p["offset"])
+    if inductive and not norm.is_testing():
+        out = norm.track(
+            out, p["running_mean"], p["running_var"], batch_mean, batch_var, jnp.float32(momentum)
+        )
+    return out
 
 
 def embed(
-    params: Params, x: jax.Array, hook=None, *, downsample: str, conv_impl: str | None = None
+    params: Params,
+    x: jax.Array,
+    hook=None,
+    *,
+    downsample: str,
+    conv_impl: str | None = None,
+    momentum: float = 0.1,
 ) -> jax.Array:
     """x [B, H, W, C] float32 -> features [B, hidden]; hook(i, h) transforms block i's output
     [B, H', W', hidden] (task conditioning)."""
     _check(downsample)
     for i, p in enumerate(params["blocks"]):
-        x = block(p, x, downsample=downsample, conv_impl=conv_impl)
+        x = block(p, x, downsample=downsample, conv_impl=conv_impl, momentum=momentum)
         if hook is not None:
             x = hook(i, x)
     return x.mean(axis=(1, 2))  # stride: mean over what is left; maxpool: 1x1 at 28x28
 
 
 def apply(
-    params: Params, x: jax.Array, *, downsample: str, conv_impl: str | None = None
+    params: Params,
+    x: jax.Array,
+    *,
+    downsample: str,
+    conv_impl: str | None = None,
+    momentum: float = 0.1,
 ) -> jax.Array:
     """x [B, H, W, C] -> logits [B, n_out]."""
-    return head(params, embed(params, x, downsample=downsample, conv_impl=conv_impl))
+    features = embed(params, x, downsample=downsample, conv_impl=conv_impl, momentum=momentum)
+    return head(params, features)
 
 
 def head(params: Params, features: jax.Array) -> jax.Array:
@@ -133,9 +174,10 @@ def make(cfg: Conv4Config, input_shape: tuple[int, ...]) -> Model:
             hidden=cfg.hidden,
             downsample=cfg.downsample,
             image_size=input_shape[0],
+            norm=cfg.norm,
         ),
-        apply=partial(apply, downsample=cfg.downsample),
-        embed=partial(embed, downsample=cfg.downsample),
+        apply=partial(apply, downsample=cfg.downsample, momentum=cfg.norm_momentum),
+        embed=partial(embed, downsample=cfg.downsample, momentum=cfg.norm_momentum),
         head=head,
         groups=label_by_names,
         input_shape=tuple(input_shape),

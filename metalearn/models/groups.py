@@ -1,7 +1,8 @@
 """Parameter groups: a label per parameter leaf, read from the parameters' own names.
 
 Labels are "head" (the output layer on the features), "blocks.<i>" (the trunk's blocks in depth
-order) and "other". Selections ("all", "head", "blocks", "blocks.2") pick leaves by label, as
+order), "state" (running statistics named running_mean / running_var, metalearn/models/norm.py)
+and "other". Selections ("all", "head", "blocks", "blocks.2") pick leaves by label, as
 optax masks and big_vision's name masks do, so nothing outside a model reads its layout.
 
 The default rule: a leaf whose dotted path starts with head|classifier|fc|logits|out|output is
@@ -18,9 +19,11 @@ import re
 import jax
 
 from metalearn.checks import ConfigError
+from metalearn.models.norm import is_state
 
 HEAD = "head"
 OTHER = "other"
+STATE = "state"  # running statistics (metalearn/models/norm.py): never adapted nor trained
 DEFAULT_HEAD = r"^(head|classifier|fc|logits|out|output)(\.|$)"
 
 
@@ -54,7 +57,7 @@ def label_by_names(tree, head: str | None = None, blocks: str | None = None):
     flat = jax.tree.leaves(named)
 
     def block_key(name: str) -> str | None:
-        if head_re.search(name):
+        if head_re.search(name) or is_state(name):
             return None
         if block_re is not None:
             match = block_re.match(name)
@@ -68,6 +71,8 @@ def label_by_names(tree, head: str | None = None, blocks: str | None = None):
     index = {k: i for i, k in enumerate(keys)}
 
     def label(name: str) -> str:
+        if is_state(name):
+            return STATE
         if head_re.search(name):
             return HEAD
         key = block_key(name)
@@ -87,10 +92,12 @@ def block_index(label: str) -> int | None:
 
 def select(labels, selection, what: str = "algo.adapt"):
     """A boolean tree: True where a leaf's label is selected by `selection` (a list of "all",
-    "head", "blocks", "blocks.<i>", "other"); an unknown or absent group is a ConfigError."""
+    "head", "blocks", "blocks.<i>", "other"); an unknown or absent group is a ConfigError.
+    "all" is every group but the running statistics ("state"), which only the train step's
+    own update moves."""
     present = set(jax.tree.leaves(labels))
     if "all" in selection:
-        return jax.tree.map(lambda _: True, labels)
+        return jax.tree.map(lambda lab: lab != STATE, labels)
     known = present | {"blocks"} if any(p.startswith("blocks.") for p in present) else present
     unknown = sorted(set(selection) - known)
     if unknown:
