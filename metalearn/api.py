@@ -8,7 +8,7 @@ its training did, adapt to a support set and predict.
 
 The model and learner are rebuilt from the run's config and its data_spec.json (the shapes its
 task source had, recorded when the run started), so no dataset is read; a run from before that
-file existed is rebuilt with its data (train.restore), as `metalearn eval` does. Nothing in the
+file existed is rebuilt with its data (experiment.restore), as `metalearn eval` does. Nothing in the
 run directory is written.
 """
 
@@ -45,7 +45,7 @@ class TaskParams(NamedTuple):
 
 
 def build_algorithm(cfg: Config, model, spec: DataSpec) -> Algorithm:
-    """The run's learner, built as train.build does, from a spec instead of the dataset."""
+    """The run's learner, built as experiment.build does, from a spec instead of the dataset."""
     return registry.make_of("algo", cfg.algo)(
         cfg.algo,
         model,
@@ -85,7 +85,7 @@ def load_run(
     overrides: `key=value` changes of settings that do not shape the model, such as
     eval.inner_steps=10 (the adaptation steps; by default the run's own evaluation's).
     """
-    from metalearn.train import Experiment, initial_state, load_run_config, restore
+    from metalearn.experiment import Experiment, initial_state, load_run_config, restore
 
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint={checkpoint!r}: use 'best' or 'latest'.")

@@ -126,7 +126,8 @@ def _hydra_train_task(dcfg) -> float | None:
         run, cfg, resume = run_plan.plan(dcfg, hydra_cfg, run, overrides)
         from metalearn.api import SPEC_FILE
         from metalearn.data.base import spec_of
-        from metalearn.train import prepare, train
+        from metalearn.experiment import prepare
+        from metalearn.train import train
 
         session = prepare(cfg, run, resume)  # every check, before anything is written
         run.remove_stale_temps()  # what a killed write left behind
@@ -305,8 +306,8 @@ def evaluate_run(
     """Evaluate a checkpoint and write the result to RUN_DIR/evals/, nothing else; with
     save=False nothing at all is written, so the run directory may be read-only."""
     from metalearn.evaluate import make_evaluator
+    from metalearn.experiment import restore
     from metalearn.rundir import RunDir
-    from metalearn.train import restore
 
     run = RunDir(run_dir)
     run.check_folder()

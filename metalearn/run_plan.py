@@ -82,7 +82,7 @@ EXPERIMENT_KEYS = ("data", "model", "conditioning", "algo", "seed")
 def resumed_config(run, hydra_cfg, overrides: list[str]):
     """The run's saved config plus this command's overrides, which may repeat the run's own
     settings (a requeued job runs the very same command again) but not change its experiment."""
-    from metalearn.train import load_run_config
+    from metalearn.experiment import load_run_config
 
     saved = read_run_yaml(run.path / ".hydra" / "config.yaml")
     choices = saved_choices(run, saved)

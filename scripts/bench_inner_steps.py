@@ -2,8 +2,8 @@
 
 Methods: MAML (second order), MAML with `algo.remat=true`, first-order MAML and iMAML. Each
 configuration is composed from conf/ exactly as `metalearn train` composes it (so the tuned
-paper defaults apply), built with `metalearn.train.build` and `make_train_step`, and measured in
-a fresh subprocess:
+paper defaults apply), built with `metalearn.experiment.build` and `make_train_step`, and
+measured in a fresh subprocess:
 
 - XLA memory: the compiled step's `memory_analysis()`; "XLA peak" = arguments + outputs + temps
   - aliased (the donated train state is reused for the new state, so it is counted once). This
@@ -76,7 +76,8 @@ def compose(overrides: list[str]):
 def measure(job: dict) -> dict:
     import jax
 
-    from metalearn.train import TrainState, build, make_train_step
+    from metalearn.experiment import build
+    from metalearn.train_step import TrainState, make_train_step
 
     cfg = compose(job["overrides"])
     exp = build(cfg)

@@ -9,7 +9,7 @@ the speedup column (fastest PyTorch s/step / this s/step, same order and downsam
     python scripts/bench_maml.py --only jax --downsample maxpool --order second
     python scripts/bench_maml.py --flax          # also model=flax (scripts/flax_conv4.py)
 
-The metalearn rows time the train step `metalearn train` itself compiles (train.prepare), not a
+The metalearn rows time the train step `metalearn train` itself compiles (experiment.prepare), not a
 copy of it.
 """
 
@@ -76,7 +76,7 @@ def jax_overrides(cfg: dict) -> list[str]:
 
 def run_jax(cfg: dict) -> dict:
     """Time the train step `metalearn train` runs: composed by Hydra from the same overrides,
-    built, checked and compiled by train.prepare, fed its own Omniglot episodes (sampled inside
+    built, checked and compiled by experiment.prepare, fed its own Omniglot episodes (sampled inside
     the step, as in training)."""
     sys.path.insert(0, str(ROOT))
     import tempfile
@@ -85,8 +85,8 @@ def run_jax(cfg: dict) -> dict:
     from hydra import compose, initialize_config_dir
 
     from metalearn.config import register_schemas, to_config
+    from metalearn.experiment import prepare
     from metalearn.rundir import RunDir
-    from metalearn.train import prepare
 
     overrides = jax_overrides(cfg)
     register_schemas()

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from metalearn.data.sinusoid import sinusoid_curve  # noqa: E402
-from metalearn.train import restore  # noqa: E402
+from metalearn.experiment import restore  # noqa: E402
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import regression_loss
 from metalearn.algorithms.maml import MAMLConfig
 from metalearn.data import TaskSource
+from metalearn.experiment import Experiment
 from metalearn.models import Model
 from metalearn.models.groups import label_by_names
-from metalearn.train import Experiment
 from metalearn.types import Split, Task
 
 LINEAR = Model(

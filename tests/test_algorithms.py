@@ -16,10 +16,11 @@ from metalearn.data import TaskSource
 from metalearn.data.episodic import sample_episode
 from metalearn.data.sinusoid import SinusoidConfig
 from metalearn.evaluate import make_evaluator
+from metalearn.experiment import Experiment, build
 from metalearn.models import make_model
 from metalearn.models.conv4 import Conv4Config
 from metalearn.models.mlp import MLPConfig
-from metalearn.train import Experiment, TrainState, build, make_train_step
+from metalearn.train_step import TrainState, make_train_step
 
 KEY = jax.random.PRNGKey(0)
 

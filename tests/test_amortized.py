@@ -10,8 +10,9 @@ from metalearn.conditioning import ConditioningConfig
 from metalearn.config import Config, EvalConfig, TrainConfig
 from metalearn.data.sinusoid import SinusoidConfig
 from metalearn.evaluate import make_evaluator
+from metalearn.experiment import build, initial_state
 from metalearn.models.mlp import MLPConfig
-from metalearn.train import build, initial_state, make_train_step
+from metalearn.train_step import make_train_step
 
 KEY = jax.random.PRNGKey(0)
 

@@ -94,7 +94,7 @@ class Drawings:
 
     def __init__(self, root: Path, xdg: Path):
         self.root = root
-        self.xdg = xdg  # an XDG_CACHE_HOME holding the cache of these arrays (train.restore's)
+        self.xdg = xdg  # an XDG_CACHE_HOME holding the cache of these arrays (experiment.restore's)
         cache = xdg / "metalearn" / "omniglot"
         self.data = load_omniglot(root, image_size=SIZE, cache_dir=cache, download=False)
         self.split = split_classes(self.data, sizes=SPLIT_SIZES)
@@ -168,7 +168,7 @@ def no_data(tmp_path, monkeypatch):
 
 @pytest.fixture
 def with_data(monkeypatch, omniglot_root, drawings):
-    """The Omniglot copy reachable (for train.restore, the evaluator's path), its cache built."""
+    """The Omniglot copy reachable (for experiment.restore: the evaluator's path), cache built."""
     monkeypatch.setenv("METALEARN_DATA", str(omniglot_root))
     monkeypatch.setenv("XDG_CACHE_HOME", str(drawings.xdg))
 
@@ -305,9 +305,9 @@ def test_load_run_needs_no_dataset(runs, no_data, drawings, algo, checkpoint):
 @pytest.mark.parametrize("algo", ["protonet", "maml"])
 def test_predictions_on_png_files_equal_the_evaluator(runs, with_data, drawings, tmp_path, algo):
     """(b) PNG files of real drawings -> preprocess -> adapt -> predict gives the logits of the
-    run's evaluator path (train.restore, algo.adapt/predict, un-jitted) on the training arrays
+    run's evaluator path (experiment.restore, algo.adapt/predict, un-jitted) on the training arrays
     of the same drawings, within LOGIT_ATOL; the evaluator's loss and accuracy agree."""
-    from metalearn.train import restore
+    from metalearn.experiment import restore
 
     exp, params, _ = restore(runs[algo], [], "best")
     run = metalearn.load_run(runs[algo])

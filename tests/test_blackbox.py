@@ -19,10 +19,11 @@ from metalearn.algorithms.blackbox import BlackBoxConfig, make_core
 from metalearn.config import ConfigError
 from metalearn.data import TaskSource
 from metalearn.data.episodic import sample_episode
+from metalearn.experiment import Experiment
 from metalearn.models import make_model
 from metalearn.models.conv4 import Conv4Config
 from metalearn.models.mlp import MLPConfig
-from metalearn.train import Experiment, TrainState, make_train_step
+from metalearn.train_step import TrainState, make_train_step
 from metalearn.types import Split, Task
 
 KEY = jax.random.PRNGKey(0)

@@ -15,9 +15,10 @@ from metalearn.config import Config, ConfigError, EvalConfig, TrainConfig
 from metalearn.data import make_task_source
 from metalearn.data.sinusoid import SinusoidConfig
 from metalearn.evaluate import make_evaluator
+from metalearn.experiment import build, initial_state
 from metalearn.models import make_model
 from metalearn.models.mlp import MLPConfig
-from metalearn.train import build, initial_state, make_train_step
+from metalearn.train_step import make_train_step
 
 KEY = jax.random.PRNGKey(0)
 
@@ -68,6 +69,7 @@ def test_context_step_is_one_sgd_step_on_the_support_loss():
     np.testing.assert_allclose(exp.algo.adapt(params, task.support, KEY, 1), expected, rtol=1e-5)
 
 
+@pytest.mark.slow  # a learning curve; the fast tier keeps the inner-loop checks
 def test_cavia_learns_sinusoids():
     exp = build(sinusoid_config(steps=1500))
     state = initial_state(exp, exp.algo.init(KEY))

@@ -82,6 +82,7 @@ def test_parameter_shapes():
     assert mmoe["heads"] == {"head": {"w": (T, 3, N_OUT), "b": (T, N_OUT)}}
 
 
+@pytest.mark.slow  # compiles conv4 twice; the fast tier keeps the shape checks
 def test_concat_is_the_model_on_the_concatenated_input():
     model = build("concat", CONV, (16, 16, 1))
     params = model.init(KEY, N_OUT)

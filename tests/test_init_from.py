@@ -12,8 +12,8 @@ from omniglot_fixture import make_omniglot_zips
 
 from metalearn.checks import ConfigError
 from metalearn.config import register_schemas, to_config
+from metalearn.experiment import build, prepare
 from metalearn.rundir import RunDir
-from metalearn.train import build, prepare
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["train.steps=2", "eval.every=2", "eval.num_tasks=2", "eval.val_tasks=2",
@@ -46,7 +46,11 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize(
     "target, prefix",
-    [("algo=maml", None), ("algo=metasgd", "init"), ("algo=reptile", None)],
+    [
+        ("algo=maml", None),
+        pytest.param("algo=metasgd", "init", marks=pytest.mark.slow),
+        pytest.param("algo=reptile", None, marks=pytest.mark.slow),
+    ],
 )
 def test_blocks_of_a_pretraining_run_start_another_algorithm(tmp_path, target, prefix):
     """Pre-train (finetune) on sinusoids, start MAML / Meta-SGD / Reptile from its blocks."""
@@ -72,6 +76,7 @@ def test_groups_select_what_is_loaded(tmp_path):
     assert not np.array_equal(params["blocks"][0]["w"], source["blocks"][0]["w"])
 
 
+@pytest.mark.slow  # builds a (synthetic) Omniglot source: the fast tier has the sinusoid cases
 def test_an_image_pretraining_run_starts_protonet_and_r2d2(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = make_omniglot_zips(tmp_path / "omniglot", 3, 2, 4)

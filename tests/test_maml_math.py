@@ -17,7 +17,7 @@ from metalearn.algorithms.base import regression_loss, task_gradient
 from metalearn.algorithms.maml import MAMLConfig
 from metalearn.algorithms.protonet import prototypes, squared_distance_logits
 from metalearn.algorithms.reptile import ReptileConfig
-from metalearn.train import TrainState, make_train_step
+from metalearn.train_step import TrainState, make_train_step
 
 KEY = jax.random.PRNGKey(0)
 

@@ -12,7 +12,7 @@ import pytest
 from helpers import metalearn
 
 from metalearn.conditioning import CONDITIONINGS
-from metalearn.train import restore
+from metalearn.experiment import restore
 from metalearn.weighting import pairwise_distance_penalty
 
 TINY = [

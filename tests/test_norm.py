@@ -14,8 +14,9 @@ from omniglot_fixture import make_omniglot_zips
 
 from metalearn.checks import ConfigError
 from metalearn.config import register_schemas, to_config
+from metalearn.experiment import build, initial_state
 from metalearn.models import conv4, norm
-from metalearn.train import build, initial_state, make_train_step
+from metalearn.train_step import make_train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 KEY = jax.random.PRNGKey(0)
@@ -60,6 +61,7 @@ def block_moments(params, x, upto: int):
     return z.mean((0, 1, 2)), z.var((0, 1, 2))
 
 
+@pytest.mark.slow  # compiles a conv4 pre-training step; the fast tier keeps track's maths
 @pytest.mark.parametrize("task_chunk", [1, 2])
 def test_a_pretraining_step_moves_the_running_statistics_to_the_batch_mean(
     omniglot, tmp_path, monkeypatch, task_chunk
@@ -131,6 +133,7 @@ def test_algorithms_without_inductive_support_refuse_it(omniglot, tmp_path, monk
         config(omniglot, tmp_path, monkeypatch, ["algo=reptile", "model.norm=inductive"])
 
 
+@pytest.mark.slow
 def test_maml_never_adapts_the_running_statistics(omniglot, tmp_path, monkeypatch):
     cfg = config(omniglot, tmp_path, monkeypatch, ["algo=maml", "model.norm=inductive"])
     exp = build(cfg)

@@ -45,6 +45,7 @@ def build(**kw):
     return ALGORITHMS["r2d2"](R2D2Config(**kw), model, classification_loss, n_out=3)
 
 
+@pytest.mark.slow  # the fast tier keeps the closed form and its gradient
 def test_predictions_use_the_learned_scale_and_bias():
     algo = build(scale=2.0)
     params = algo.init(KEY)
@@ -56,7 +57,7 @@ def test_predictions_use_the_learned_scale_and_bias():
     np.testing.assert_allclose(algo.predict(params, head, task.query.x), want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("learn_ridge", [True, False])
+@pytest.mark.parametrize("learn_ridge", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_ridge_gradient_matches_finite_differences(learn_ridge):
     algo = build(ridge=0.5, learn_ridge=learn_ridge)
     params = algo.init(KEY)

@@ -10,8 +10,9 @@ import pytest
 from metalearn.algorithms.maml import MAMLConfig
 from metalearn.data.episodic import sample_episode
 from metalearn.data.sinusoid import SinusoidConfig, sample_sinusoid
+from metalearn.experiment import build
 from metalearn.models.mlp import MLPConfig
-from metalearn.train import TrainState, build, make_train_step
+from metalearn.train_step import TrainState, make_train_step
 
 KEY = jax.random.PRNGKey(0)
 N_CLASSES, N_DRAWINGS = 12, 20

@@ -18,7 +18,8 @@ from metalearn.config import Config, EvalConfig, TrainConfig
 from metalearn.algorithms.maml import MAMLConfig
 from metalearn.models.mlp import MLPConfig
 from metalearn.data.sinusoid import SinusoidConfig
-from metalearn.train import TrainState, build, make_train_step, task_mesh
+from metalearn.train_step import TrainState, make_train_step, task_mesh
+from metalearn.experiment import build
 
 cfg = Config(data=SinusoidConfig(), model=MLPConfig(), conditioning=None,
              algo=MAMLConfig(inner_lr=0.01), train=TrainConfig(meta_batch=8), eval=EvalConfig())

@@ -10,7 +10,7 @@ from test_algorithms import image_experiment
 
 from metalearn.config import ConfigError, TrainConfig
 from metalearn.task_chunks import auto_chunk_for, auto_task_chunk
-from metalearn.train import TrainState, make_train_step
+from metalearn.train_step import TrainState, make_train_step
 from metalearn.types import Split, Task
 
 KEY = jax.random.PRNGKey(3)

@@ -90,7 +90,7 @@ OBJECTIVES = {  # config overrides -> the documented objective of losses L (task
 }
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True])  # fast: jit
 @pytest.mark.parametrize("mode", sorted(OBJECTIVES))
 def test_gradient_is_jax_grad_of_documented_objective(mode, jit):
     overrides, objective = OBJECTIVES[mode]
@@ -225,7 +225,7 @@ def pcgrad_update(gradients, present, step=0, jit=False):
     return np.concatenate([grads["a"], grads["b"]]), metrics
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True])  # fast: jit
 def test_pcgrad_two_conflicting_tasks_by_hand(jit):
     """g1 = (1, 0), g2 = (-1, 1): g1 . g2 = -1 < 0, so g1' = g1 - (-1/2) g2 = (0.5, 0.5) and
     g2' = g2 - (-1/1) g1 = (0, 1); the update is their mean (0.25, 0.75)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+from jax.flatten_util import ravel_pytree
 from jax.scipy.sparse.linalg import cg
 
 from metalearn import registry
@@ -62,12 +63,16 @@ def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Al
         g = jax.grad(loss)(phi, task.query)
         support_grad = lambda p: jax.grad(loss)(p, task.support)  # noqa: E731
 
-        def matvec(v):  # (I + H / lam) v
-            hv = jax.jvp(support_grad, (phi,), (v,))[1]
-            return jax.tree.map(lambda v, h: v + h / lam, v, hv)
+        # CG runs on one flat vector: vmapped over tasks, cg of a pytree whose leaves carry the
+        # task axis at different positions trips JAX's device_put batching rule (Flax models).
+        flat_g, unravel = ravel_pytree(g)
 
-        meta_grad, _ = cg(matvec, g, maxiter=cfg.cg_steps)
-        return direction_loss(meta_params, meta_grad), metrics
+        def matvec(v):  # (I + H / lam) v
+            hv = jax.jvp(support_grad, (phi,), (unravel(v),))[1]
+            return v + ravel_pytree(hv)[0] / lam
+
+        meta_grad, _ = cg(matvec, flat_g, maxiter=cfg.cg_steps)
+        return direction_loss(meta_params, unravel(meta_grad)), metrics
 
     return make_algorithm(
         lambda key: model.init(key, n_out),
