@@ -159,10 +159,10 @@ def no_data(tmp_path, monkeypatch):
 
     import metalearn.data
     import metalearn.data.omniglot
-    import metalearn.train
+    import metalearn.experiment
 
     monkeypatch.setattr(metalearn.data, "make_task_source", refuse)
-    monkeypatch.setattr(metalearn.train, "make_task_source", refuse)
+    monkeypatch.setattr(metalearn.experiment, "make_task_source", refuse)
     monkeypatch.setattr(metalearn.data.omniglot, "load_omniglot", refuse)
 
 

@@ -124,7 +124,7 @@ def test_mmoe_gates_mix_shared_experts():
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["experts"]))
     assert float(jnp.abs(grads["gates"][0]).max()) > 0
     assert float(jnp.abs(grads["gates"][1:]).max()) == 0
-    assert float(jnp.abs(grads["heads"]["w"][1:]).max()) == 0
+    assert float(jnp.abs(grads["heads"]["head"]["w"][1:]).max()) == 0
 
 
 @pytest.mark.parametrize("name", ["multihead", "mmoe", "separate", "film"])

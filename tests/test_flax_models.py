@@ -533,3 +533,26 @@ def test_bad_module_on_the_command_line_is_one_paragraph(user_env, tmp_path):
     assert result.stderr.startswith("metalearn: error: ")
     assert len(result.stderr.strip().splitlines()) == 1, "one paragraph"
     assert "model.module=mynets:Nope" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_imaml_vmapped_over_tasks_equals_the_built_in_model(case):
+    """iMAML's conjugate gradients vmapped over a batch of tasks (where jax.scipy's cg failed on
+    Flax parameter trees), leaf by leaf against the built-in model."""
+    from metalearn.algorithms.imaml import IMAMLConfig
+
+    tasks = jax.tree.map(
+        lambda *xs: jnp.stack(xs), *[image_task(jax.random.PRNGKey(k)) for k in (5, 6)]
+    )
+    ref, model, ref_params, params = pair(case, N_WAY)
+    cfg = IMAMLConfig(inner_lr=0.1, inner_steps=3, cg_steps=3)
+
+    def mean_gradient(model, params):
+        algo = ALGORITHMS["imaml"](cfg, model, classification_loss, n_out=N_WAY)
+        grads, _ = jax.jit(
+            jax.vmap(lambda t: task_gradient(algo, params, t, jax.random.PRNGKey(3)))
+        )(tasks)
+        return jax.tree.map(lambda g: g.mean(0), grads)
+
+    close_grads(mean_gradient(model, params), CASES[case][3](mean_gradient(ref, ref_params)))

@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-from jax.flatten_util import ravel_pytree
-from jax.scipy.sparse.linalg import cg
+import jax.numpy as jnp
 
 from metalearn import registry
 from metalearn.algorithms.base import AlgoConfig, LossFn, direction_loss, make_algorithm
@@ -63,16 +62,12 @@ def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Al
         g = jax.grad(loss)(phi, task.query)
         support_grad = lambda p: jax.grad(loss)(p, task.support)  # noqa: E731
 
-        # CG runs on one flat vector: vmapped over tasks, cg of a pytree whose leaves carry the
-        # task axis at different positions trips JAX's device_put batching rule (Flax models).
-        flat_g, unravel = ravel_pytree(g)
-
         def matvec(v):  # (I + H / lam) v
-            hv = jax.jvp(support_grad, (phi,), (unravel(v),))[1]
-            return v + ravel_pytree(hv)[0] / lam
+            hv = jax.jvp(support_grad, (phi,), (v,))[1]
+            return jax.tree.map(lambda v, h: v + h / lam, v, hv)
 
-        meta_grad, _ = cg(matvec, flat_g, maxiter=cfg.cg_steps)
-        return direction_loss(meta_params, unravel(meta_grad)), metrics
+        meta_grad = conjugate_gradients(matvec, g, cfg.cg_steps)
+        return direction_loss(meta_params, meta_grad), metrics
 
     return make_algorithm(
         lambda key: model.init(key, n_out),
@@ -81,6 +76,42 @@ def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Al
         loss_fn,
         meta_loss=meta_loss,
     )
+
+
+def conjugate_gradients(matvec, b, maxiter: int, tol: float = 1e-5):
+    """x with matvec(x) = b for a symmetric positive definite map, on pytrees, from x = 0.
+
+    The iteration and stopping rule of jax.scipy.sparse.linalg.cg (stop at maxiter or when
+    |r| <= tol |b|), written out because that function, vmapped over tasks, fails in JAX's
+    device_put batching rule when the leaves carry the task axis at different positions (as
+    Flax modules' parameters do). Nothing differentiates through it: its result is a constant
+    direction.
+    """
+
+    def vdot(x, y):
+        return sum(jnp.vdot(a, c) for a, c in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+    def axpy(a, x, y):
+        return jax.tree.map(lambda x, y: a * x + y, x, y)
+
+    threshold = tol**2 * vdot(b, b)
+
+    def unfinished(value):
+        _, _, gamma, _, k = value
+        return (gamma > threshold) & (k < maxiter)
+
+    def step(value):
+        x, r, gamma, p, k = value
+        ap = matvec(p)
+        alpha = gamma / vdot(p, ap)
+        x, r = axpy(alpha, p, x), axpy(-alpha, ap, r)
+        gamma_next = vdot(r, r)
+        return x, r, gamma_next, axpy(gamma_next / gamma, p, r), k + 1
+
+    x0 = jax.tree.map(jnp.zeros_like, b)
+    r0 = b  # b - matvec(0)
+    value = (x0, r0, vdot(r0, r0), r0, 0)
+    return jax.lax.while_loop(unfinished, step, value)[0]
 
 
 registry.register("algo", "imaml", IMAMLConfig, make)
