@@ -65,10 +65,11 @@ def jax_overrides(cfg: dict) -> list[str]:
         overrides.append(f"data.root={cfg['omniglot']}")
     if cfg["task_chunk"] is not None:  # 0: the whole meta-batch at once
         overrides.append(f"train.task_chunk={cfg['task_chunk'] or cfg['meta_batch']}")
-    if cfg["model"] == "flax":
+    if cfg["model"] in ("flax", "flax-fast-conv"):
         sys.path.insert(0, str(ROOT / "scripts"))
-        overrides += ["model=flax", f"model.module={FLAX_CONV4}",
-                      f"model.kwargs={{downsample: {cfg['downsample']}}}"]  # fmt: skip
+        fast = str(cfg["model"] == "flax-fast-conv").lower()
+        kwargs = f"{{downsample: {cfg['downsample']}, fast_conv: {fast}}}"
+        overrides += ["model=flax", f"model.module={FLAX_CONV4}", f"model.kwargs={kwargs}"]
     else:
         overrides.append(f"model.downsample={cfg['downsample']}")
     return overrides
@@ -290,7 +291,8 @@ def main() -> None:
     configs = []
     for d in args.downsample or ["maxpool", "stride"]:
         for order in args.order or ["second", "first"]:
-            jax_impls = ["jax (metalearn)"] + (["jax (model=flax)"] if args.flax else [])
+            flax_impls = ["jax (model=flax)", "jax (model=flax, conv_ops conv)"]
+            jax_impls = ["jax (metalearn)"] + (flax_impls if args.flax else [])
             impls = ([] if args.only == "torch" else jax_impls) + (
                 [] if args.only == "jax" else torch_impls
             )
@@ -306,7 +308,10 @@ def main() -> None:
                             "inner_steps": args.inner_steps,
                             "steps": args.steps,
                             "warmup": args.warmup,
-                            "model": "flax" if impl == "jax (model=flax)" else "conv4",
+                            "model": {
+                                "jax (model=flax)": "flax",
+                                "jax (model=flax, conv_ops conv)": "flax-fast-conv",
+                            }.get(impl, "conv4"),
                             "omniglot": args.omniglot,
                             "task_chunk": chunk,
                         }
@@ -400,10 +405,10 @@ def _table(rows: list[dict], args, l2l_missing: str | None) -> str:
                if r.get("median") and r["impl"] == "jax (metalearn)"}  # fmt: skip
     for r in rows:
         key = (r["order"], r["downsample"])
-        if r.get("median") and r["impl"] == "jax (model=flax)" and key in builtin:
+        if r.get("median") and r["impl"].startswith("jax (model=flax") and key in builtin:
             lines.append("")
             lines.append(
-                f"model=flax / built-in conv4, {key[0]} order {key[1]}: "
+                f"{r['impl'][5:-1]} / built-in conv4, {key[0]} order {key[1]}: "
                 f"{r['median'] / builtin[key]:.2f}x the time per step"
             )
     lines.append("")

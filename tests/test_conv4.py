@@ -342,3 +342,18 @@ def test_first_order_differs_from_second_order():
     so, fo = meta_grads(False)[0][1], meta_grads(True)[0][1]
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, (so, fo))))
     assert diff > 1e-5
+
+
+@pytest.mark.parametrize(
+    "stride, padding, dilation",
+    [(1, "SAME", 1), (2, "SAME", 1), (1, "VALID", 1), (1, "SAME", 2)],
+)
+def test_drop_in_conv_general_dilated_equals_lax(stride, padding, dilation):
+    """conv_ops.conv_general_dilated (for Flax layers) equals lax's on its fast path (SAME,
+    undilated) and hands every other case to lax."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    kw = dict(rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, **kw)
+    got = conv_ops.conv_general_dilated(x, w, (stride, stride), padding, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -32,6 +32,54 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, impl: str | None = None)
     raise ValueError(f"unknown conv impl {impl!r}; expected one of {IMPLS}")
 
 
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
+    """lax.conv_general_dilated, through conv2d's fast path where it applies: a drop-in for
+    Flax's layers (`nnx.Conv(..., conv_general_dilated=conv_ops.conv_general_dilated)`).
+
+    On a CPU, a convolution vmapped over per-task kernels (MAML's inner loop) becomes a grouped
+    convolution that XLA runs about 40x slower than conv2d's im2col path (scripts/BENCHMARKS.md).
+    The fast path takes 2-D NHWC inputs with HWIO kernels, SAME padding, equal strides, no
+    dilation and no feature groups; anything else goes to lax unchanged.
+    """
+    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    undilated = all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if (
+        lhs.ndim == 4
+        and dims == nhwc
+        and isinstance(padding, str)
+        and padding.upper() == "SAME"
+        and len(set(window_strides)) == 1
+        and undilated
+        and feature_group_count == 1
+        and not kwargs.get("batch_group_count", 1) > 1
+    ):
+        return conv2d(lhs, rhs, window_strides[0])
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **kwargs,
+    )
+
+
 def _conv_im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     kh, kw, cin, _ = w.shape
     if stride == 1 and (kh, kw) == (3, 3) and cin >= ROWS3_MIN_CIN:
