@@ -320,7 +320,7 @@ def _check_combination(cfg: Config) -> None:
         f"algo={algo.name} with data={data.name} is not allowed: "
         + (
             f"data={data.name} is a fixed set of tasks for multi-task learning, which "
-            f"{_names_with('multitask_data', True)} train; meta-learning algorithms need a task "
+            f"{_names_with('multitask_data', bool)} train; meta-learning algorithms need a task "
             "distribution (e.g. data=omniglot)."
             if data.multitask
             else f"algo={algo.name} needs multi-task data, a fixed set of tasks with ids (e.g. "
@@ -330,7 +330,7 @@ def _check_combination(cfg: Config) -> None:
     require(
         cfg.conditioning.name == "none" or algo.conditioned,
         f"conditioning={cfg.conditioning.name} is not used by algo={algo.name}; task "
-        f"conditioning works with algo in {_names_with('conditioned', True)} (or use "
+        f"conditioning works with algo in {_names_with('conditioned', bool)} (or use "
         "conditioning=none).",
     )
     require(
@@ -348,7 +348,7 @@ def _check_combination(cfg: Config) -> None:
         norm in algo.norms,
         f"model.norm={norm} is not allowed with algo={algo.name}, which supports "
         f"{' or '.join(algo.norms)} batch norm; inductive batch norm works with "
-        f"algo in {_names_with_norm('inductive')}.",
+        f"algo in {_names_with('norms', lambda norms: 'inductive' in norms)}.",
     )
     for group in (cfg.data, cfg.model, cfg.conditioning, cfg.algo):
         check_with = getattr(group, "check_with", None)
@@ -356,11 +356,8 @@ def _check_combination(cfg: Config) -> None:
             check_with(cfg)
 
 
-def _names_with_norm(norm: str) -> list[str]:
-    return sorted(name for name, schema in schemas("algo").items() if norm in schema.norms)
-
-
-def _names_with(capability: str, value: Any) -> list[str]:
+def _names_with(capability: str, holds) -> list[str]:
+    """The algorithms whose declared `capability` satisfies `holds`."""
     return sorted(
-        name for name, schema in schemas("algo").items() if getattr(schema, capability) == value
+        name for name, schema in schemas("algo").items() if holds(getattr(schema, capability))
     )

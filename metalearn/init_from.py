@@ -19,28 +19,23 @@ from metalearn.models import Model
 from metalearn.models.groups import select
 from metalearn.rundir import RunDir, RunDirError
 
-# A path as its components: "['blocks'][0]['w']" -> ("['blocks']", "[0]", "['w']").
-_split = jax.tree_util.keystr
 
-
-def _parts(path) -> tuple[str, ...]:
-    return tuple(_split((key,)) for key in path)
-
-
-def model_labels(model: Model) -> dict[tuple[str, ...], str]:
-    """The model's own parameter paths (as components) and their group labels."""
+def model_labels(model: Model) -> dict[str, str]:
+    """The model's own parameter paths (jax.tree_util.keystr) and their group labels."""
     template = jax.eval_shape(lambda key: model.init(key, 1), jax.random.PRNGKey(0))
-    labels = model.groups(template)
-    flat = jax.tree_util.tree_flatten_with_path(labels)[0]
-    return {_parts(path): label for path, label in flat}
+    flat = jax.tree_util.tree_flatten_with_path(model.groups(template))[0]
+    return {jax.tree_util.keystr(path): label for path, label in flat}
 
 
-def _model_path(parts: tuple[str, ...], model_paths) -> tuple[str, ...] | None:
-    """The longest model path that ends `parts` (None: the leaf is not a model parameter)."""
-    for start in range(len(parts)):
-        if parts[start:] in model_paths:
-            return parts[start:]
-    return None
+def _ends_with(key: str, tail: str) -> bool:
+    """Whether the path `key` ends with the whole path components `tail` ("...]['w']")."""
+    return key.endswith(tail) and (len(key) == len(tail) or key[-len(tail) - 1] == "]")
+
+
+def _model_path(key: str, model_paths) -> str | None:
+    """The longest model path that ends `key` (None: the leaf is not a model parameter)."""
+    tails = [tail for tail in model_paths if _ends_with(key, tail)]
+    return max(tails, key=len) if tails else None
 
 
 def load_pretrained(params, model: Model, run_dir: str, groups: list[str]):
@@ -55,16 +50,15 @@ def load_pretrained(params, model: Model, run_dir: str, groups: list[str]):
         raise ConfigError(f"algo.init_from={run_dir} cannot be read: {error}") from None
     labels = model_labels(model)
     wanted = select(labels, groups, "algo.init_groups")  # rejects groups the model lacks
-    stored_parts = {tuple(_split_key(key)): key for key in stored}
     loaded = 0
 
     def take(path, leaf):
         nonlocal loaded
-        below = _model_path(_parts(path), labels)
+        name = jax.tree_util.keystr(path)
+        below = _model_path(name, labels)
         if below is None or not wanted[below]:
             return leaf
-        matches = [key for parts, key in stored_parts.items() if parts[-len(below) :] == below]
-        name = _split(path)
+        matches = [key for key in stored if _ends_with(key, below)]
         if len(matches) != 1:
             raise ConfigError(
                 f"algo.init_from={run_dir} cannot initialise this model: {name} has "
@@ -90,18 +84,3 @@ def load_pretrained(params, model: Model, run_dir: str, groups: list[str]):
             f"in the groups algo.init_groups={list(groups)}."
         )
     return params
-
-
-def _split_key(key: str) -> list[str]:
-    """A stored keystr as components: "['a'][0]" -> ["['a']", "[0]"]."""
-    parts, depth, current = [], 0, ""
-    for char in key:
-        current += char
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth == 0:
-                parts.append(current)
-                current = ""
-    return parts
