@@ -241,6 +241,7 @@ class RunDir:
         wanted = [(jax.tree_util.keystr(p), leaf) for p, leaf in flat]
         if stored and all(LEGACY_LEAF.match(k) for k in stored):
             stored = {k: stored.get(f"leaf_{i}") for i, (k, _) in enumerate(wanted)}
+        stored = _moved_paths(stored, wanted)
         problems = []
         for key, leaf in wanted:
             have = stored.get(key)
@@ -262,6 +263,40 @@ class RunDir:
                 "drop the overrides that change them."
             )
         return jax.tree_util.tree_unflatten(treedef, [stored[k] for k, _ in wanted]), meta
+
+
+def _moved_paths(stored: dict, wanted: list) -> dict:
+    """stored, with arrays of an older layout under the path the template has now: a wanted
+    path missing from the checkpoint takes the one unclaimed stored array of its shape whose
+    path is its own with components left out (multihead's ['heads']['w'], before 2026-12,
+    is ['heads']['head']['w'] now)."""
+    unclaimed = set(stored) - {key for key, _ in wanted}
+    moved = {}
+    for key, leaf in wanted:
+        if key in stored or not unclaimed:
+            continue
+        parts = _PATH_PART.findall(key)
+        fits = [
+            old
+            for old in unclaimed
+            if stored[old].shape == np.shape(leaf) and _is_subpath(_PATH_PART.findall(old), parts)
+        ]
+        if len(fits) == 1:
+            moved[key] = fits[0]
+            unclaimed.discard(fits[0])
+    kept = {k: v for k, v in stored.items() if k not in moved.values()}
+    return kept | {key: stored[old] for key, old in moved.items()}
+
+
+_PATH_PART = re.compile(r"\[[^\]]*\]|\.\w+")  # ['heads'], [0], .params in a keystr
+
+
+def _is_subpath(short: list[str], long: list[str]) -> bool:
+    """short is long with some components left out, ending with the same leaf name."""
+    if not short or len(short) >= len(long) or short[-1] != long[-1]:
+        return False
+    rest = iter(long)
+    return all(part in rest for part in short)
 
 
 _CHECKPOINT_ADVICE = {

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metalearn.config import ConfigError
+from metalearn.models import randomness
 from metalearn.models.groups import path_name
 from metalearn.models.norm import is_state
 from metalearn.task_chunks import auto_chunk_for, mean_over_chunks
@@ -87,11 +88,15 @@ def make_train_step(
         chunk = task_chunk or auto_chunk_for(per_device, one_task)
 
         def task_mean(loss):
+            def task_loss(p, task, key):
+                with randomness.training(key):  # the task's dropout masks come from its key
+                    return loss(p, task, key)
+
             def chunk_gradient(p, chunk_batch):
                 chunk_tasks, chunk_keys = chunk_batch
 
                 def mean_loss(p):
-                    losses, metrics = jax.vmap(loss, (None, 0, 0))(p, chunk_tasks, chunk_keys)
+                    losses, metrics = jax.vmap(task_loss, (None, 0, 0))(p, chunk_tasks, chunk_keys)
                     return losses.mean(), metrics
 
                 (_, metrics), grads = jax.value_and_grad(mean_loss, has_aux=True)(p)
@@ -106,18 +111,17 @@ def make_train_step(
         """`step` (the 1-based training step) is for algorithms whose objective has a schedule."""
         k_tasks, k_algo = jax.random.split(key)
         task_keys = over_tasks(jax.random.split(k_tasks, meta_batch))
-        tasks = over_tasks(
-            jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(task_keys)
-        )
+        tasks = over_tasks(jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(task_keys))
         algo_keys = over_tasks(jax.random.split(k_algo, meta_batch))
-        grads, algo_state, metrics = algo.objective.gradient(
-            state.params,
-            state.algo_state,
-            tasks,
-            algo_keys,
-            step,
-            task_mean_gradient(state.params, tasks, algo_keys),
-        )
+        with randomness.training(k_algo):  # for objectives that run the model on the batch
+            grads, algo_state, metrics = algo.objective.gradient(
+                state.params,
+                state.algo_state,
+                tasks,
+                algo_keys,
+                step,
+                task_mean_gradient(state.params, tasks, algo_keys),
+            )
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, algo_state), jax.tree.map(jnp.mean, metrics)

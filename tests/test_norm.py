@@ -36,6 +36,13 @@ def test_track_is_the_identity_whose_backward_steps_the_running_statistics():
     np.testing.assert_allclose(grv, 0.1 * (rv - bv), rtol=1e-6)
 
 
+def test_follow_is_the_identity_whose_backward_steps_the_statistics_to_their_update():
+    y, running, updated = jnp.arange(4.0), {"m": jnp.full(2, 0.5)}, {"m": jnp.array([1.0, -1.0])}
+    gy, gr = jax.grad(lambda y, r: jnp.sum(2.0 * norm.follow(y, r, updated)), (0, 1))(y, running)
+    np.testing.assert_array_equal(gy, jnp.full(4, 2.0))
+    np.testing.assert_array_equal(gr["m"], running["m"] - updated["m"])  # SGD rate 1 -> updated
+
+
 @pytest.fixture(scope="module")
 def omniglot(tmp_path_factory):
     return make_omniglot_zips(tmp_path_factory.mktemp("omniglot"), 3, 2, 4)

@@ -132,6 +132,20 @@ def test_index_keyed_checkpoints_still_load(tmp_path):
     np.testing.assert_array_equal(loaded["a"], np.ones(2))
 
 
+def test_checkpoints_of_the_layout_before_2026_12_load_into_moved_paths(tmp_path):
+    """multihead's heads were ['heads']['w'] before the model protocol; now
+    ['heads']['head']['w']. Ambiguous or reshaped moves still fail by name."""
+    run = RunDir(tmp_path)
+    old = {"model": {"blocks": [{"w": np.ones(2)}]}, "heads": {"w": np.arange(6.0).reshape(3, 2)}}
+    run.save_checkpoint("best", old, {"step": 1})
+    new = {"model": {"blocks": [{"w": np.zeros(2)}]}, "heads": {"head": {"w": np.zeros((3, 2))}}}
+    loaded, _ = run.load_checkpoint("best", new)
+    np.testing.assert_array_equal(loaded["heads"]["head"]["w"], old["heads"]["w"])
+    reshaped = {"model": {"blocks": [{"w": np.zeros(2)}]}, "heads": {"head": {"w": np.zeros(6)}}}
+    with pytest.raises(RunDirError, match=r"\['heads'\]\['head'\]\['w'\] is missing"):
+        run.load_checkpoint("best", reshaped)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "random", "missing array"])
 def test_damaged_checkpoint_is_named_with_what_to_do(tmp_path, damage):
     run = RunDir(tmp_path)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from omegaconf import MISSING
 
+from metalearn.models import randomness
 from metalearn.types import Algorithm, Metrics, Objective, Params, Split
 
 LossFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Metrics]]
@@ -166,7 +167,8 @@ def sgd_adapt(
             return lrs
 
     def step(p, i):
-        g = jax.grad(loss)(p, support)
+        with randomness.step(i):  # each inner step its own dropout masks
+            g = jax.grad(loss)(p, support)
         if isinstance(first_order, bool):
             g = jax.lax.stop_gradient(g) if first_order else g
         else:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from metalearn import registry
 from metalearn.algorithms.base import AlgoConfig, LossFn, direction_loss, make_algorithm
 from metalearn.checks import MAX_INNER_STEPS, at_most, check_inner_steps, positive, require
-from metalearn.models import Model
+from metalearn.models import Model, randomness
 from metalearn.types import Algorithm
 
 
@@ -46,13 +46,14 @@ def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Al
     def adapt(meta_params, support, key, inner_steps=cfg.inner_steps):
         theta = jax.lax.stop_gradient(meta_params)
 
-        def step(phi, _):
-            g = jax.grad(loss)(phi, support)
+        def step(phi, i):
+            with randomness.step(i):
+                g = jax.grad(loss)(phi, support)
             return jax.tree.map(
                 lambda p, g, t: p - cfg.inner_lr * (g + lam * (p - t)), phi, g, theta
             ), None
 
-        phi, _ = jax.lax.scan(step, theta, None, length=inner_steps)
+        phi, _ = jax.lax.scan(step, theta, jnp.arange(inner_steps))
         return phi
 
     def meta_loss(meta_params, task, key, step=0):

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from metalearn import registry
 from metalearn.algorithms.base import AlgoConfig, LossFn, direction_loss, make_algorithm
 from metalearn.checks import check_inner_steps, choice, positive
-from metalearn.models import Model
+from metalearn.models import Model, randomness
 from metalearn.types import Algorithm
 
 
@@ -43,16 +44,17 @@ def make(cfg: ReptileConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> 
         return loss_fn(model.apply(params, split.x), split.y)[0]
 
     def adapt(meta_params, support, key, inner_steps=cfg.inner_steps):
-        def step(carry, _):
+        def step(carry, i):
             params, state = carry
-            grads = jax.grad(support_loss)(params, support)
+            with randomness.step(i):
+                grads = jax.grad(support_loss)(params, support)
             updates, state = inner.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), None
 
         if inner_steps == 0:
             return meta_params
         (adapted, _), _ = jax.lax.scan(
-            step, (meta_params, inner.init(meta_params)), None, length=inner_steps
+            step, (meta_params, inner.init(meta_params)), jnp.arange(inner_steps)
         )
         return adapted
 

@@ -4,7 +4,10 @@ A model maps x [B, ...] to outputs [B, n_out] as embed (features [B, D]) then he
 never read a model's parameter layout: they ask `groups` for a label per leaf ("head",
 "blocks.0", "blocks.1", ..., "other") and select by label (metalearn/models/groups.py), so any
 model, built in or a Flax module (model=flax), serves MAML's adaptation masks, fine-tuning's
-frozen and decayed blocks, head re-initialisation and init_from alike.
+frozen and decayed blocks, head re-initialisation and init_from alike. Model state (batch-norm
+running statistics) is parameters labelled "state" (metalearn/models/norm.py); randomness
+(dropout) comes from a trace-time key stream that the train step opens for each task
+(metalearn/models/randomness.py), so neither needs an argument in the protocol.
 """
 
 from __future__ import annotations

@@ -22,12 +22,22 @@ What the module provides:
   apply (in NNX the block is swapped for a wrapper in the rebuilt module; in Linen
   nn.intercept_methods catches its call; a Linen head must be an attribute set in setup()).
 
-Batch norm: when the module's `__call__` (or `embed`) takes a `train` argument it is called with
-train=True, or with use_running_average=False when it takes that instead, at training and test
-time alike: batch statistics of the examples at hand (transductive, as metalearn's conv4), and
-the running averages are never used. Randomness inside the module (dropout) is not supported:
-calls get no key, so an NNX module's stored RNG stream would repeat and a Linen module that asks
-for an rng fails when the model is made.
+Batch norm (model.norm): the module is told which statistics to use through the switches its
+`__call__` (or `embed`) takes, train=True or use_running_average=False (NNX layers' attribute
+use_running_average is set too). transductive (default): batch statistics of the examples at
+hand, in training and at test alike, as metalearn's conv4; the module's running averages are
+constants, never used. inductive: the running averages (Linen's batch_stats collection, NNX's
+nnx.BatchStat variables) become parameters named <layer>.running_<name>, labelled "state"
+(metalearn/models/norm.py): never adapted nor given to the optimizer, moved in training to the
+module's own moving average of each task's batch statistics (its momentum), saved in
+checkpoints, and used at meta-test (train=False / use_running_average=True).
+
+Dropout and other randomness: in training each call gets a key from the task's stream
+(metalearn/models/randomness.py): Linen modules as rngs={"dropout": key}, NNX modules as the key
+of every RNG stream they hold. At meta-test they are deterministic: deterministic=True when the
+method takes it (NNX layers' attribute deterministic is set too), or train=False under inductive
+batch norm. A Linen module whose only switch is `train`, with transductive batch norm, would
+drop units at test; it is refused (give it a `deterministic` argument, or use inductive).
 """
 
 from __future__ import annotations
@@ -43,9 +53,10 @@ import jax.numpy as jnp
 from omegaconf import MISSING
 
 from metalearn import registry
-from metalearn.checks import ConfigError, require
-from metalearn.models import Model, ModelConfig
-from metalearn.models.groups import DEFAULT_HEAD, HEAD, label_by_names, names, prune
+from metalearn.checks import ConfigError, choice, require
+from metalearn.models import Model, ModelConfig, norm, randomness
+from metalearn.models.groups import DEFAULT_HEAD, HEAD, label_by_names, names, path_name, prune
+from metalearn.models.norm import NORMS, is_state
 
 MODULE_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 FEATURE_ALGOS = (
@@ -66,8 +77,12 @@ class FlaxConfig(ModelConfig):
     out_kwarg: str = "num_classes"  # the constructor argument that receives the outputs' number
     head: str | None = None  # regex over parameter names: the head (default: the group rule)
     blocks: str | None = None  # regex: a block is the text it matches at a name's start
+    # batch-norm statistics: transductive (each batch's own) | inductive (the module's running
+    # averages, trained as model state and used at meta-test; module docstring)
+    norm: str = "transductive"
 
     def __post_init__(self) -> None:
+        choice("model.norm", self.norm, NORMS)
         if self.kwargs is None:
             self.kwargs = {}
         require(
@@ -145,17 +160,23 @@ def _flavour(cls, path: str) -> str:
     )
 
 
-def _batch_kwargs(fn) -> dict[str, bool]:
-    """Batch statistics for a method that takes train / use_running_average."""
+SWITCHES = ("train", "use_running_average", "deterministic")
+
+
+def _switches(fn) -> tuple[str, ...]:
+    """The mode arguments (SWITCHES) a module method takes."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return {}
-    if "train" in params:
-        return {"train": True}
-    if "use_running_average" in params:
-        return {"use_running_average": False}
-    return {}
+        return ()
+    return tuple(name for name in SWITCHES if name in params)
+
+
+def _switch_values(switches, running: bool, key) -> dict[str, bool]:
+    """The switches' values for a call: running averages or batch statistics; dropout on (a
+    key) or off."""
+    values = {"train": not running, "use_running_average": running, "deterministic": key is None}
+    return {name: values[name] for name in switches}
 
 
 def _paths(tree) -> dict[tuple, Any]:
@@ -165,6 +186,28 @@ def _paths(tree) -> dict[tuple, Any]:
         keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
         flat[keys] = leaf
     return flat
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def _state_path(path: tuple) -> tuple:
+    """Where a Flax running statistic (bn.mean) lives among the parameters (bn.running_mean)."""
+    return (*path[:-1], f"running_{path[-1]}")
+
+
+def _with_state(params, stats) -> dict:
+    """The parameters with the running statistics among them, as <layer>.running_<name>."""
+    flat = _paths(params)
+    flat.update({_state_path(p): v for p, v in _paths(stats).items()})
+    return _unflatten(flat)
 
 
 def _fill(params, template):
@@ -202,17 +245,27 @@ def _common_prefix(paths: list[tuple]) -> tuple:
 class _Entry:
     """What a module built for one number of outputs needs besides its parameters."""
 
-    def __init__(self, n, template, rest, graphdef=None, mutable=()):
+    def __init__(self, n, template, rest, graphdef=None, stats=None):
         self.n = n  # the number of outputs it was built with
+        # inductive batch norm: {path among the parameters: path in the module's statistics}
+        self.stats = {_state_path(p): p for p in _paths(stats)} if stats else {}
         # the parameters' shapes and dtypes, to fill partial selections
         self.template = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), template)
         self.shapes = {p: tuple(v.shape) for p, v in _paths(self.template).items()}
         self.rest = rest  # the non-parameter variables (pure dicts), constants of the model
         self.graphdef = graphdef  # NNX
-        self.mutable = list(mutable)  # Linen: collections the call may update (discarded)
 
     def fits(self, params) -> bool:
         return all(self.shapes.get(p) == tuple(jnp.shape(v)) for p, v in _paths(params).items())
+
+    def split(self, params):
+        """(module parameters, running statistics or None) of a full parameter tree."""
+        if not self.stats:
+            return params, None
+        flat = _paths(params)
+        stats = {self.stats[p]: v for p, v in flat.items() if p in self.stats}
+        rest = {p: v for p, v in flat.items() if p not in self.stats}
+        return _unflatten(rest), _unflatten(stats)
 
 
 class _Adapter:
@@ -225,8 +278,28 @@ class _Adapter:
         self.block_re = re.compile(cfg.blocks) if cfg.blocks else None
         self.entries: dict[int, _Entry] = {}
         self.has_embed = callable(getattr(cls, "embed", None))
-        self.call_kwargs = _batch_kwargs(cls.__call__)
-        self.embed_kwargs = _batch_kwargs(getattr(cls, "embed", None)) if self.has_embed else {}
+        self.inductive = cfg.norm == "inductive"
+        self.call_switches = _switches(cls.__call__)
+        self.embed_switches = _switches(getattr(cls, "embed", None)) if self.has_embed else ()
+
+    def mode(self) -> tuple[bool, Any]:
+        """(use the running statistics, dropout key or None) for the call being traced."""
+        return self.inductive and norm.is_testing(), randomness.next_key()
+
+    def check_state(self, entry: _Entry, params) -> None:
+        taken = [path_name(p) for p in _paths(params) if is_state(path_name(p))]
+        if taken:
+            raise ConfigError(
+                f"model.module={self.path} has parameters named like running statistics "
+                f"({', '.join(taken[:3])}): metalearn keeps names running_<name> for batch-norm "
+                "statistics (never trained); rename them."
+            )
+        if self.inductive and not entry.stats:
+            raise ConfigError(
+                f"model.norm=inductive, but model.module={self.path} keeps no batch-norm "
+                "statistics (a Linen batch_stats collection or NNX nnx.BatchStat variables); "
+                "use model.norm=transductive, or add batch norm layers."
+            )
 
     # --- groups and the submodules they name
     def groups(self, params):
@@ -284,7 +357,9 @@ class _Adapter:
     def entry(self, n: int) -> _Entry:
         if n not in self.entries:
             with jax.ensure_compile_time_eval():  # concrete, also when init is traced
-                self.entries[n] = self.build_entry(n)
+                entry, params = self.build_entry(n)
+            self.check_state(entry, params)
+            self.entries[n] = entry
         return self.entries[n]
 
     def entry_for(self, params) -> _Entry:
@@ -297,8 +372,10 @@ class _Adapter:
         )
 
     def init(self, key, n_out):
-        params = self.build_params(key, 1 if n_out is None else n_out)
         self.entry(1 if n_out is None else n_out)
+        params, stats = self.build_params(key, 1 if n_out is None else n_out)
+        if self.inductive:
+            params = _with_state(params, stats)
         if n_out is None:  # features only: the head (built with one output) is dropped
             keep = jax.tree.map(lambda lab: lab != HEAD, self.groups(params))
             params = prune(jax.tree.map(lambda p, k: p if k else None, params, keep)) or {}
@@ -398,51 +475,84 @@ class _NNX(_Adapter):
     def build_params(self, key, n):
         from flax import nnx
 
-        return _pure(nnx.state(self.construct(key, n), nnx.Param))
+        module = self.construct(key, n)
+        return _pure(nnx.state(module, nnx.Param)), _pure(nnx.state(module, nnx.BatchStat))
 
     def build_entry(self, n):
         from flax import nnx
 
-        graphdef, params, rest = nnx.split(self.construct(jax.random.PRNGKey(0), n), nnx.Param, ...)
-        return _Entry(n, _pure(params), _pure(rest), graphdef=graphdef)
+        module = self.construct(jax.random.PRNGKey(0), n)
+        if self.inductive:
+            graphdef, params, stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+            params, stats = _pure(params), _pure(stats)
+            entry = _Entry(n, _with_state(params, stats), _pure(rest), graphdef, stats=stats)
+        else:
+            graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+            params = _pure(params)
+            entry = _Entry(n, params, _pure(rest), graphdef)
+        return entry, params
 
     def probe_fn(self, n):
-        return lambda key, x: self.construct(key, n)(x, **self.call_kwargs)
+        values = _switch_values(self.call_switches, False, None)
+        return lambda key, x: self.construct(key, n)(x, **values)
 
-    def merged(self, params):
+    def run(self, params, fn, switches=()):
+        """fn(module, switch values) on the module rebuilt from params, in the traced mode."""
         from flax import nnx
 
         entry = self.entry_for(params)
-        return nnx.merge(entry.graphdef, _fill(params, entry.template), entry.rest)
+        running, key = self.mode()
+        module_params, stats = entry.split(_fill(params, entry.template))
+        rest = entry.rest if key is None else _rekey(entry.rest, key)
+        module = nnx.merge(entry.graphdef, module_params, *([stats] if stats else []), rest)
+        module.set_attributes(
+            deterministic=key is None, use_running_average=running, raise_if_not_found=False
+        )
+        out = fn(module, _switch_values(switches, running, key))
+        if stats and not running:  # training: move the statistics to the module's update
+            out = norm.follow(out, stats, _pure(nnx.state(module, nnx.BatchStat)))
+        return out
 
     def apply(self, params, x):
-        return self.merged(params)(x, **self.call_kwargs)
+        return self.run(params, lambda m, values: m(x, **values), self.call_switches)
 
     def embed(self, params, x, hook=None):
         self.check_embed()
-        module = self.merged(params)
         if hook is None:
-            return module.embed(x, **self.embed_kwargs)
+            return self.run(params, lambda m, values: m.embed(x, **values), self.embed_switches)
         blocks = self.block_paths(params)
 
-        def run(wrap):
-            for i, path in blocks.items():
-                parent = _nnx_get(module, path[:-1])
-                inner = _nnx_get(parent, path[-1:])
-                if not callable(inner):
-                    raise ConfigError(
-                        f"block {i} ({'.'.join(map(str, path))}) of model.module={self.path} is "
-                        f"a {type(inner).__name__}, which cannot be called, so task "
-                        "conditioning cannot hook its output; make each block a submodule."
-                    )
-                _nnx_set(parent, path[-1], _HookedBlock(inner, i, wrap))
-            return module.embed(x, **self.embed_kwargs)
+        def hooked(module, values):
+            def run(wrap):
+                for i, path in blocks.items():
+                    parent = _nnx_get(module, path[:-1])
+                    inner = _nnx_get(parent, path[-1:])
+                    if not callable(inner):
+                        raise ConfigError(
+                            f"block {i} ({'.'.join(map(str, path))}) of model.module={self.path} "
+                            f"is a {type(inner).__name__}, which cannot be called, so task "
+                            "conditioning cannot hook its output; make each block a submodule."
+                        )
+                    _nnx_set(parent, path[-1], _HookedBlock(inner, i, wrap))
+                return module.embed(x, **values)
 
-        return self.hooked_call(run, hook, blocks)
+            return self.hooked_call(run, hook, blocks)
+
+        return self.run(params, hooked, self.embed_switches)
 
     def head(self, params, features):
-        module = self.merged(params)
-        return _nnx_get(module, self.head_path(params))(features)
+        path = self.head_path(params)
+        return self.run(params, lambda m, _: _nnx_get(m, path)(features))
+
+
+def _rekey(rest, key):
+    """The module's other variables with every RNG stream's key drawn from `key`."""
+    flat = _paths(rest)
+    for i, (path, value) in enumerate(flat.items()):
+        if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):
+            impl = jax.random.key_impl(value)
+            flat[path] = jax.random.wrap_key_data(jax.random.fold_in(key, i), impl=impl)
+    return _unflatten(flat)
 
 
 def _pure(state) -> dict:
@@ -486,37 +596,87 @@ class _Linen(_Adapter):
     def example(self):
         return jnp.zeros((1, *self.input_shape), jnp.float32)
 
+    def variables(self, key, n):
+        rngs = {"params": key, "dropout": jax.random.fold_in(key, 1)}
+        values = _switch_values(self.call_switches, False, key)
+        return self.construct(n).init(rngs, self.example(), **values)
+
     def build_params(self, key, n):
-        return self.construct(n).init(key, self.example(), **self.call_kwargs)["params"]
+        variables = self.variables(key, n)
+        return variables["params"], variables.get("batch_stats", {})
 
     def build_entry(self, n):
-        variables = self.construct(n).init(
-            jax.random.PRNGKey(0), self.example(), **self.call_kwargs
-        )
-        rest = {k: v for k, v in variables.items() if k != "params"}
-        return _Entry(n, variables["params"], rest, mutable=rest)
+        variables = dict(self.variables(jax.random.PRNGKey(0), n))
+        params = variables.pop("params")
+        stats = variables.pop("batch_stats", {}) if self.inductive else None
+        template = _with_state(params, stats) if self.inductive else params
+        return _Entry(n, template, variables, stats=stats), params
 
     def probe_fn(self, n):
         module = self.construct(n)
-        return lambda key, x: module.init_with_output(key, x, **self.call_kwargs)[0]
 
-    def call(self, params, *args, **kwargs):
+        def probe(key, x):
+            rngs = {"params": key, "dropout": key}
+            values = _switch_values(self.call_switches, False, key)
+            return module.init_with_output(rngs, x, **values)[0]
+
+        return probe
+
+    def probe(self, n: int = 2) -> None:
+        super().probe(n)
+        self.check_test_dropout(n)
+
+    def check_test_dropout(self, n: int) -> None:
+        """A `train`-only module under transductive batch norm is called with train=True at
+        test: refuse it if that draws dropout masks (it then asks for a 'dropout' rng)."""
+        if self.inductive or "train" not in self.call_switches:
+            return
+        if "deterministic" in self.call_switches:
+            return
+        from flax.errors import InvalidRngError
+
+        module, x = self.construct(n), jax.ShapeDtypeStruct((2, *self.input_shape), jnp.float32)
+        params = jax.eval_shape(lambda: self.variables(jax.random.PRNGKey(0), n))
+        try:
+            jax.eval_shape(
+                lambda v, x: module.apply(v, x, train=True, mutable=True), dict(params), x
+            )
+        except InvalidRngError:
+            raise ConfigError(
+                f"model.module={self.path} draws dropout when called with train=True, which "
+                "model.norm=transductive also uses at meta-test (batch statistics), so its test "
+                "predictions would be random; give __call__ a `deterministic` argument for its "
+                "dropout, or use model.norm=inductive (train=False at test)."
+            ) from None
+
+    def call(self, params, *args, switches=(), **kwargs):
         entry = self.entry_for(params)
-        variables = {"params": _fill(params, entry.template), **entry.rest}
+        running, key = self.mode()
+        module_params, stats = entry.split(_fill(params, entry.template))
+        variables = {"params": module_params, **entry.rest}
+        if stats:
+            variables["batch_stats"] = stats
+        rngs = {"dropout": jax.random.PRNGKey(0) if key is None else key}
+        mutable = [c for c in variables if c != "params" and not (running and c == "batch_stats")]
+        values = _switch_values(switches, running, key)
         module = self.construct(entry.n)
-        if entry.mutable:
-            return module.apply(variables, *args, mutable=entry.mutable, **kwargs)[0]
-        return module.apply(variables, *args, **kwargs)
+        out, updated = module.apply(
+            variables, *args, rngs=rngs, mutable=mutable, **values, **kwargs
+        )
+        if stats and not running:  # training: move the statistics to the module's update
+            out = norm.follow(out, stats, updated["batch_stats"])
+        return out
 
     def apply(self, params, x):
-        return self.call(params, x, **self.call_kwargs)
+        return self.call(params, x, switches=self.call_switches)
 
     def embed(self, params, x, hook=None):
         from flax import linen
 
         self.check_embed()
+        embed = {"method": "embed", "switches": self.embed_switches}
         if hook is None:
-            return self.call(params, x, method="embed", **self.embed_kwargs)
+            return self.call(params, x, **embed)
         blocks = self.block_paths(params)
         index = {path: i for i, path in blocks.items()}
 
@@ -535,7 +695,7 @@ class _Linen(_Adapter):
                 return wrap(index[path], out)
 
             with linen.intercept_methods(interceptor):
-                return self.call(params, x, method="embed", **self.embed_kwargs)
+                return self.call(params, x, **embed)
 
         return self.hooked_call(run, hook, blocks)
 

@@ -2,10 +2,10 @@
 
 model.norm=transductive normalises with the statistics of the examples at hand, in training and
 at test alike (MAML's reference code; metalearn's default). model.norm=inductive keeps running
-averages of the batch statistics as parameters named running_mean / running_var (group label
-"state": never adapted, never given to the algorithm's optimizer) and normalises with them at
-meta-test, so a query's prediction does not depend on the other queries (as fine-tuning and
-metric learners are usually run).
+averages of the batch statistics as parameters named running_<statistic> (running_mean /
+running_var; group label "state": never adapted, never given to the algorithm's optimizer) and
+normalises with them at meta-test, so a query's prediction does not depend on the other
+queries (as fine-tuning and metric learners are usually run).
 
 How the averages are updated without any hook in the algorithms: in training, every batch norm
 passes its output through `track`, which is the identity forward and, backward, gives the
@@ -15,7 +15,8 @@ r - momentum * mean over tasks of (r - batch statistic): an exponential moving a
 the same gradient path, chunking and sharding as every parameter. A step that normalises several
 batches (a metric learner embeds support and query) takes one such move per batch. Nothing
 differentiates through an inner loop's statistics: the cotangent ignores the incoming one, so
-second-order terms through it are zero.
+second-order terms through it are zero. Layers that compute their own moving average (Flax's
+batch norms, model=flax) use `follow`, whose backward gives the cotangent r - (their update).
 
 Whether a function is traced for meta-test is a trace-time flag (`testing()`), set by the
 evaluator and the public API inside the functions they compile. jit caches a trace by function,
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 NORMS = ("transductive", "inductive")
-STATE = re.compile(r"(^|\.)running_(mean|var)$")  # names of the running statistics
+STATE = re.compile(r"(^|\.)running_\w+$")  # running statistics: running_mean, running_var, ...
 
 _testing = contextvars.ContextVar("metalearn_norm_testing", default=False)
 
@@ -81,3 +82,24 @@ def _track_bwd(residuals, g):
 
 
 track.defvjp(_track_fwd, _track_bwd)
+
+
+@jax.custom_vjp
+def follow(y, running, updated):
+    """y, unchanged; backward, the running statistics (a pytree) get the cotangent
+    running - updated: `track` for a layer that computes its own moving average (a Flax batch
+    norm's updated batch_stats), so SGD with rate 1 moves them to `updated`."""
+    return y
+
+
+def _follow_fwd(y, running, updated):
+    return y, (running, updated)
+
+
+def _follow_bwd(residuals, g):
+    running, updated = residuals
+    step = jax.tree.map(lambda r, u: r - jax.lax.stop_gradient(u), running, updated)
+    return g, step, jax.tree.map(jnp.zeros_like, updated)
+
+
+follow.defvjp(_follow_fwd, _follow_bwd)
