@@ -27,6 +27,7 @@ from omegaconf.nodes import BooleanNode
 from metalearn import registry
 from metalearn.checks import (
     INT32_MAX,
+    MAX_EXAMPLES,
     MAX_INNER_STEPS,
     MAX_TASKS,
     ConfigError,
@@ -57,8 +58,20 @@ class TrainConfig:
     # tasks each device processes at once (vmapped); the meta-batch is walked a chunk at a time.
     # None: all at once on accelerators, a chunk of ~160 images on a CPU (metalearn/task_chunks.py)
     task_chunk: int | None = None
+    # The shape of training episodes when it differs from the test episodes' (data.n_way,
+    # data.k_shot, data.k_query; None: the same), as ProtoNets train 60-way for 20-way tests.
+    n_way: int | None = None
+    k_shot: int | None = None
+    k_query: int | None = None
 
     def __post_init__(self) -> None:
+        if self.n_way is not None:
+            require(self.n_way >= 2, f"train.n_way={self.n_way} is not allowed: it must be >= 2.")
+        for key in ("k_shot", "k_query"):
+            value = getattr(self, key)
+            if value is not None:
+                require(value >= 1, f"train.{key}={value} is not allowed: it must be >= 1.")
+                at_most(f"train.{key}", value, MAX_EXAMPLES)
         if self.task_chunk is not None:
             require(
                 self.task_chunk >= 1 and self.meta_batch % self.task_chunk == 0,
@@ -350,10 +363,45 @@ def _check_combination(cfg: Config) -> None:
         f"{' or '.join(algo.norms)} batch norm; inductive batch norm works with "
         f"algo in {_names_with('norms', lambda norms: 'inductive' in norms)}.",
     )
+    _check_training_shape(cfg)
     for group in (cfg.data, cfg.model, cfg.conditioning, cfg.algo):
         check_with = getattr(group, "check_with", None)
         if check_with is not None:
             check_with(cfg)
+
+
+def training_shape(cfg: Config) -> tuple[int, int, int] | None:
+    """(n_way, k_shot, k_query) of training episodes when train.* sets them; None otherwise."""
+    train = cfg.train
+    if train.n_way is None and train.k_shot is None and train.k_query is None:
+        return None
+    data = cfg.data
+    return (
+        data.n_way if train.n_way is None else train.n_way,
+        data.k_shot if train.k_shot is None else train.k_shot,
+        data.k_query if train.k_query is None else train.k_query,
+    )
+
+
+def _check_training_shape(cfg: Config) -> None:
+    from metalearn.data.base import EpisodicDataConfig
+
+    if all(getattr(cfg.train, k) is None for k in ("n_way", "k_shot", "k_query")):
+        return
+    data, algo = cfg.data, cfg.algo
+    require(
+        isinstance(data, EpisodicDataConfig),
+        f"train.n_way / train.k_shot / train.k_query set the shape of training episodes, which "
+        f"only N-way K-shot classification data have; data={data.name} has no episodes (leave "
+        "them unset).",
+    )
+    n_way = cfg.train.n_way
+    require(
+        n_way is None or n_way == data.n_way or algo.any_way,
+        f"train.n_way={n_way} differs from data.n_way={data.n_way}, which algo={algo.name} "
+        f"cannot do: its outputs are sized for data.n_way classes. Training with another number "
+        f"of classes works with algo in {_names_with('any_way', bool)}.",
+    )
 
 
 def _names_with(capability: str, holds) -> list[str]:

@@ -15,8 +15,9 @@ from jax.sharding import PartitionSpec as P
 
 from metalearn import registry
 from metalearn.algorithms.base import LossFn, task_loss_fn
-from metalearn.config import Config, ConfigError
+from metalearn.config import Config, ConfigError, training_shape
 from metalearn.data import TaskSource, make_task_source
+from metalearn.data.augment import augmenting, default_padding
 from metalearn.evaluate import make_evaluator
 from metalearn.init_from import load_pretrained
 from metalearn.memory import check_fits, compiled_bytes, tree_bytes
@@ -43,6 +44,10 @@ class Experiment(NamedTuple):
     algo: Algorithm
     loss_fn: LossFn
     optimizer: optax.GradientTransformation
+    # what the train step runs: the algorithm and episode sampler for training episodes, which
+    # are `algo` and `source.sample` unless train.n_way / k_shot / k_query reshape them
+    train_algo: Algorithm | None = None
+    train_sample: Any = None
 
     @property
     def classification(self) -> bool:
@@ -58,20 +63,47 @@ def build(cfg: Config) -> Experiment:
     source = make_task_source(cfg.data)
     model = make_model(cfg.model, source.input_shape)
     loss_fn = task_loss_fn(source.kind)
-    algo = registry.make_of("algo", cfg.algo)(
-        cfg.algo,
-        model,
-        loss_fn,
-        n_out=source.n_out,
-        n_train_classes=source.n_train_classes,
-        config=cfg,
-        source=source,
-    )
+
+    def make_algo(n_out: int) -> Algorithm:
+        return registry.make_of("algo", cfg.algo)(
+            cfg.algo,
+            model,
+            loss_fn,
+            n_out=n_out,
+            n_train_classes=source.n_train_classes,
+            config=cfg,
+            source=source,
+        )
+
+    algo, train_algo, train_sample = make_algo(source.n_out), None, source.sample
+    shape = training_shape(cfg)
+    if shape is not None:  # an any_way algorithm's parameters fit episodes of every way
+        if source.episodes is None:
+            raise ConfigError(
+                f"data={cfg.data.name} cannot draw training episodes of another shape than its "
+                "test episodes; leave train.n_way / train.k_shot / train.k_query unset."
+            )
+        train_sample = source.episodes(*shape)
+        train_algo = make_algo(shape[0]) if shape[0] != source.n_out else algo
+    train_sample = _augmented(train_sample, cfg.data, source)
     optimizer = algo.optimizer(cfg.train)
     template = jax.eval_shape(algo.init, jax.random.PRNGKey(0))
     if any(is_state(path_name(p)) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]):
         optimizer = with_running_statistics(optimizer)
-    return Experiment(cfg, source, model, algo, loss_fn, optimizer)
+    return Experiment(
+        cfg, source, model, algo, loss_fn, optimizer, train_algo or algo, train_sample
+    )
+
+
+def _augmented(sample, data_cfg, source: TaskSource):
+    """Training episodes augmented as data.augment says (none unless set; episodic data only)."""
+    recipe = getattr(data_cfg, "augment", "none")
+    if recipe == "none":
+        return sample
+    padding = data_cfg.augment_padding
+    if padding is None:
+        padding = default_padding(min(source.input_shape[:2]))
+    return augmenting(sample, recipe, padding)
 
 
 def _state_labels(params):

@@ -62,6 +62,7 @@ def _load() -> None:
     for package in PACKAGES:
         module = importlib.import_module(package)
         for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
-            importlib.import_module(f"{package}.{info.name}")
+            if not info.name.startswith("_"):  # private modules are loaded by their users
+                importlib.import_module(f"{package}.{info.name}")
     for entry in importlib.metadata.entry_points(group="metalearn.plugins"):
         entry.load()

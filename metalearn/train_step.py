@@ -66,7 +66,8 @@ def make_train_step(
     `task_chunk` (None: auto_task_chunk), a chunk at a time. Every algorithm takes this one path:
     its objective gets the batch and `task_mean`, the chunked mean gradient of a per-task loss.
     """
-    algo = exp.algo
+    algo = exp.train_algo or exp.algo  # the training episodes' algorithm (experiment.build)
+    sample = exp.train_sample or exp.source.sample
     n_devices = 1 if mesh is None else mesh.size
     if task_chunk is not None and (meta_batch // n_devices) % task_chunk:
         raise ConfigError(
@@ -111,7 +112,7 @@ def make_train_step(
         """`step` (the 1-based training step) is for algorithms whose objective has a schedule."""
         k_tasks, k_algo = jax.random.split(key)
         task_keys = over_tasks(jax.random.split(k_tasks, meta_batch))
-        tasks = over_tasks(jax.vmap(lambda k: exp.source.sample(k, arrays, algo.global_labels))(task_keys))
+        tasks = over_tasks(jax.vmap(lambda k: sample(k, arrays, algo.global_labels))(task_keys))
         algo_keys = over_tasks(jax.random.split(k_algo, meta_batch))
         with randomness.training(k_algo):  # for objectives that run the model on the batch
             grads, algo_state, metrics = algo.objective.gradient(

@@ -31,6 +31,8 @@ class AlgoConfig:
     norms: the batch-norm modes it supports (metalearn/models/norm.py): inductive needs a
         training objective whose batch norms see each task's batches once, not through a
         learned update rule (Reptile's, iMAML's) or a task weighting.
+    any_way: its parameters do not depend on the number of classes of an episode, so it can
+        train on episodes of another way than it is tested on (train.n_way).
     An algorithm's own cross-group rules go in `check_with(config)`.
     """
 
@@ -38,6 +40,7 @@ class AlgoConfig:
     multitask_data: ClassVar[bool] = False
     conditioned: ClassVar[bool] = False
     norms: ClassVar[tuple[str, ...]] = ("transductive",)
+    any_way: ClassVar[bool] = False
 
     name: str = MISSING
     # Start the model's parameter groups `init_groups` (labels: metalearn/models/groups.py) from

@@ -33,6 +33,7 @@ from metalearn.types import Algorithm
 @dataclass
 class FinetuneConfig(AlgoConfig):
     norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
+    any_way: ClassVar[bool] = True
     name: str = "finetune"
     inner_lr: float = 0.01  # fine-tuning learning rate at meta-test
     inner_steps: int = 10  # fine-tuning steps at meta-test

@@ -17,6 +17,7 @@ from metalearn.types import Algorithm
 @dataclass
 class ProtoNetConfig(AlgoConfig):
     norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
+    any_way: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
     name: str = "protonet"

@@ -27,6 +27,7 @@ from metalearn.types import Algorithm
 @dataclass
 class R2D2Config(AlgoConfig):
     norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
+    any_way: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
     name: str = "r2d2"

@@ -47,6 +47,9 @@ class TaskSource(NamedTuple):
     # sample_task(key, split_arrays, task_id) -> Task: a batch of task `task_id`'s examples of the
     # split (support and query disjoint), task_id set. `sample` draws the task id uniformly.
     sample_task: Callable[[jax.Array, Any, jax.Array], Task] | None = None
+    # Episodic sources: episodes(n_way, k_shot, k_query) -> a `sample` of training episodes of
+    # that shape (train.n_way / k_shot / k_query), checked against the train split.
+    episodes: Callable[[int, int, int], Callable] | None = None
 
 
 class DataSpec(NamedTuple):
@@ -240,7 +243,20 @@ class EpisodicDataConfig(DataConfig):
     """N-way K-shot classification episodes: only these data have a number of classes per task."""
 
     n_way: int = 5  # classes per task
+    # augmentation of training episodes on the device (metalearn/data/augment.py): none | flip |
+    # crop_flip | standard (RFS / MetaOptNet: crop with padding, colour jitter, flip)
+    augment: str = "none"
+    augment_padding: int | None = None  # the crop's padding; None: 8 from 64 pixels up, else 4
 
     def __post_init__(self) -> None:
+        from metalearn.data.augment import check_recipe
+
         super().__post_init__()
         require(self.n_way >= 2, f"data.n_way={self.n_way} is not allowed: it must be >= 2.")
+        check_recipe(self.augment)
+        if self.augment_padding is not None:
+            require(
+                0 <= self.augment_padding <= 64,
+                f"data.augment_padding={self.augment_padding} is not allowed: give the crop's "
+                "padding in pixels, 0 to 64 (or null: 8 for images of 64 pixels and up, else 4).",
+            )

@@ -50,6 +50,14 @@ from metalearn.data.base import (
 )
 
 SETS = ("images_background", "images_evaluation")
+# The release's smaller training sets (images_background_small1/2.zip, Lake et al. 2015): the
+# background set's characters of these alphabets, every drawing (the same PNG files).
+SMALL_BACKGROUNDS = {
+    "small1": ("Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"),
+    "small2": ("Greek", "Japanese_(katakana)", "Latin", "Sanskrit", "Tagalog"),
+}
+BACKGROUNDS = ("full", *SMALL_BACKGROUNDS)
+EPISODES = ("random", "within_alphabet")
 URLS = {s: f"https://github.com/brendenlake/omniglot/raw/master/python/{s}.zip" for s in SETS}
 # The official release containers, as registered by tensorflow-datasets
 # (tensorflow_datasets/url_checksums/omniglot.txt). Only downloads are checked against these:
@@ -152,14 +160,17 @@ def split_classes(
     seed: int = 0,
     sizes: Sequence[int] = (1100, 100, 423),
     val_alphabets: int = 5,
+    background: str = "full",
 ) -> dict[str, np.ndarray]:
     """Disjoint character indices {"train", "val", "test"} -> sorted int32 arrays.
 
     "random": characters shuffled by `np.random.default_rng(seed)`, then cut into `sizes`
     (the MAML / learn2learn protocol: 1100 / 100 / 423). "alphabet": the background set for
     train and val, with its last `val_alphabets` alphabets (sorted order) held out as val, and
-    the evaluation set as test. Split before `with_rotations`, so that the rotations of a
-    character stay in the split of the character.
+    the evaluation set as test. With background="small1" or "small2" (alphabet split only), the
+    release's small training sets: train holds the characters of their 5 alphabets, val the last
+    `val_alphabets` of the other background alphabets. Split before `with_rotations`, so that the
+    rotations of a character stay in the split of the character.
     """
     n = len(data.characters)
     if split == "random":
@@ -182,11 +193,23 @@ def split_classes(
                 f"val_alphabets={val_alphabets} cannot be held out of the {n_bg} background "
                 f"alphabets: use a number from 0 to {n_bg - 1} (the default is 5 of 30)."
             )
-        held_out = background_alphabets[n_bg - val_alphabets :]
-        is_val = data.background & np.isin(data.alphabet, held_out)
+        if background == "full":
+            train_alphabets = background_alphabets[: n_bg - val_alphabets]
+            held_out = background_alphabets[n_bg - val_alphabets :]
+        else:
+            names = SMALL_BACKGROUNDS[background]
+            small = [a for a in background_alphabets if data.alphabets[a] in names]
+            if len(small) != len(names):
+                missing = sorted(set(names) - {data.alphabets[a] for a in small})
+                raise DataError(
+                    f"background={background} needs the background alphabets {list(names)}, "
+                    f"but {missing} are not in the data; use the full release."
+                )
+            rest = [a for a in background_alphabets if a not in small]
+            train_alphabets, held_out = small, rest[len(rest) - val_alphabets :]
         parts = [
-            np.flatnonzero(data.background & ~is_val),
-            np.flatnonzero(is_val),
+            np.flatnonzero(np.isin(data.alphabet, train_alphabets) & data.background),
+            np.flatnonzero(np.isin(data.alphabet, held_out) & data.background),
             np.flatnonzero(~data.background),
         ]
     else:
@@ -586,11 +609,24 @@ class OmniglotConfig(EpisodicDataConfig):
     rotations: bool = False  # add 90/180/270-degree rotations as new meta-train classes
     image_size: int = 28
     download: bool = True
+    # random: N characters from any alphabets | within_alphabet: all N from one alphabet (Lake
+    # et al.'s harder test), drawn uniformly among the split's alphabets with >= N characters
+    episodes: str = "random"
+    # training characters, alphabet split: full (the background set) | small1 | small2 (the
+    # release's 5-alphabet training sets)
+    background: str = "full"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_seed("data.split_seed", self.split_seed)
         choice("data.split", self.split, ("random", "alphabet"))
+        choice("data.episodes", self.episodes, EPISODES)
+        choice("data.background", self.background, BACKGROUNDS)
+        require(
+            self.background == "full" or self.split == "alphabet",
+            f"data.background={self.background} selects training alphabets, so it needs "
+            "data.split=alphabet (with data.split=random, characters of all alphabets are mixed).",
+        )
         require(
             self.k_shot + self.k_query <= 20,
             f"data.k_shot + data.k_query = {self.k_shot + self.k_query} is not allowed: Omniglot "
@@ -616,38 +652,91 @@ def make_source(cfg: OmniglotConfig) -> TaskSource:
         seed=cfg.split_seed,
         sizes=tuple(cfg.split_sizes),
         val_alphabets=cfg.val_alphabets,
+        background=cfg.background,
     )
     images = {name: data.images[classes[name]] for name in SPLITS}
+    alphabets = {name: data.alphabet[classes[name]] for name in SPLITS}
     if cfg.rotations:
         images["train"] = with_rotations(images["train"])
+        alphabets["train"] = np.repeat(alphabets["train"], 4)  # class 4c + k is c rotated
+    splits = {}
     for name in SPLITS:
-        n = images[name].shape[0]
-        if cfg.n_way > n:
-            raise ConfigError(
-                f"data.n_way={cfg.n_way} is more classes than the meta-{name} split holds ({n} "
-                f"characters with data.split={cfg.split}); use data.n_way <= {n}."
+        check_way(cfg.n_way, images[name].shape[0], name, cfg, "data.n_way")
+        splits[name] = jnp.asarray(images[name])
+        if cfg.episodes == "within_alphabet":
+            weights = _alphabet_weights(alphabets[name], cfg.n_way, name, data)
+            splits[name] = (splits[name], jnp.asarray(alphabets[name]), jnp.asarray(weights))
+
+    def episodes(n_way: int, k_shot: int, k_query: int, weights=None):
+        """sample() for episodes of this shape (the config's, or training's own); weights
+        replace the split's alphabet weights (a training way other than the config's)."""
+
+        def sample(key, split_arrays, global_labels=False):
+            from metalearn.data.episodic import sample_episode
+
+            if cfg.episodes == "within_alphabet":
+                split_images, groups, split_weights = split_arrays
+                weights_now = split_weights if weights is None else weights
+                extra = {"class_groups": groups, "group_weights": weights_now}
+            else:
+                split_images, extra = split_arrays, {}
+            return sample_episode(
+                key,
+                split_images,
+                n_way=n_way,
+                k_shot=k_shot,
+                k_query=k_query,
+                global_labels=global_labels,
+                **extra,
             )
 
-    def sample(key, split_images, global_labels=False):
-        from metalearn.data.episodic import sample_episode
+        return sample
 
-        return sample_episode(
-            key,
-            split_images,
-            n_way=cfg.n_way,
-            k_shot=cfg.k_shot,
-            k_query=cfg.k_query,
-            global_labels=global_labels,
+    def training_episodes(n_way: int, k_shot: int, k_query: int):
+        check_way(n_way, images["train"].shape[0], "train", cfg, "train.n_way")
+        require(
+            k_shot + k_query <= DRAWINGS,
+            f"train.k_shot + train.k_query = {k_shot + k_query} is not allowed: Omniglot has "
+            f"{DRAWINGS} drawings per character, and support and query drawings must be distinct.",
         )
+        weights = None
+        if cfg.episodes == "within_alphabet":
+            weights = jnp.asarray(_alphabet_weights(alphabets["train"], n_way, "train", data))
+        return episodes(n_way, k_shot, k_query, weights)
 
     return TaskSource(
         kind="classification",
         n_out=cfg.n_way,
         n_train_classes=int(images["train"].shape[0]),
         input_shape=(cfg.image_size, cfg.image_size, 1),
-        splits={name: jnp.asarray(images[name]) for name in SPLITS},
-        sample=sample,
+        splits=splits,
+        sample=episodes(cfg.n_way, cfg.k_shot, cfg.k_query),
+        episodes=training_episodes,
     )
+
+
+def check_way(n_way: int, n_classes: int, split: str, cfg: OmniglotConfig, key: str) -> None:
+    if n_way > n_classes:
+        raise ConfigError(
+            f"{key}={n_way} is more classes than the meta-{split} split holds ({n_classes} "
+            f"characters with data.split={cfg.split}); use {key} <= {n_classes}."
+        )
+
+
+def _alphabet_weights(alphabet: np.ndarray, n_way: int, split: str, data) -> np.ndarray:
+    """Within-alphabet episodes: an equal weight for each alphabet of the split with at least
+    n_way characters, 0 for the others (float32 [alphabets])."""
+    sizes = np.bincount(alphabet, minlength=len(data.alphabets))
+    if sizes.max() < n_way:
+        biggest = data.alphabets[int(sizes.argmax())]
+        raise ConfigError(
+            f"data.episodes=within_alphabet draws all {n_way} classes of an episode from one "
+            f"alphabet, but no alphabet of the meta-{split} split has {n_way} characters (the "
+            f"largest, {biggest}, has {int(sizes.max())}); lower the way, or use data.split="
+            "alphabet (whole alphabets per split)."
+        )
+    eligible = (sizes >= n_way).astype(np.float32)
+    return eligible / eligible.sum()
 
 
 registry.register("data", "omniglot", OmniglotConfig, make_source)

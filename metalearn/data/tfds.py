@@ -13,6 +13,7 @@ that fails to load, or whose arrays do not fit what the metadata and settings al
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -327,7 +328,7 @@ def make_source(cfg: TfdsConfig):
     import jax.numpy as jnp
 
     from metalearn.data import TaskSource
-    from metalearn.data.episodic import sample_episode
+    from metalearn.data.episodic import counted_episodes
 
     data = load_tfds(
         cfg.name,
@@ -356,17 +357,15 @@ def make_source(cfg: TfdsConfig):
         images = data.images[rows[split], : int(counts.max())]
         arrays[split] = (jnp.asarray(images), jnp.asarray(counts))
 
-    def sample(key, split_arrays, global_labels=False):
-        images, counts = split_arrays
-        return sample_episode(
-            key,
-            images,
-            n_way=cfg.n_way,
-            k_shot=cfg.k_shot,
-            k_query=cfg.k_query,
-            global_labels=global_labels,
-            counts=counts,
-        )
+    def training_episodes(n_way: int, k_shot: int, k_query: int):
+        """Training episodes of their own shape, checked against the train split."""
+        shape = dataclasses.replace(cfg, n_way=n_way, k_shot=k_shot, k_query=k_query)
+        counts = data.counts[rows["train"]]
+        try:
+            check_episodes(shape, "train", counts, [data.class_names[r] for r in rows["train"]])
+        except DataError as error:
+            raise DataError(f"With train.n_way/k_shot/k_query as set: {error}") from None
+        return counted_episodes(n_way, k_shot, k_query)
 
     return TaskSource(
         kind="classification",
@@ -374,7 +373,8 @@ def make_source(cfg: TfdsConfig):
         n_train_classes=len(rows["train"]),
         input_shape=(cfg.image_size, cfg.image_size, cfg.channels),
         splits=arrays,
-        sample=sample,
+        sample=counted_episodes(cfg.n_way, cfg.k_shot, cfg.k_query),
+        episodes=training_episodes,
     )
 
 
