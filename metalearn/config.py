@@ -33,6 +33,7 @@ from metalearn.checks import (
     ConfigError,
     at_most,
     check_seed,
+    choice,
     positive,
     require,
 )
@@ -63,8 +64,13 @@ class TrainConfig:
     n_way: int | None = None
     k_shot: int | None = None
     k_query: int | None = None
+    # float32 | bf16: models compute in bfloat16 with float32 parameters (models/precision.py)
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        from metalearn.models.precision import PRECISIONS
+
+        choice("train.precision", self.precision, PRECISIONS)
         if self.n_way is not None:
             require(self.n_way >= 2, f"train.n_way={self.n_way} is not allowed: it must be >= 2.")
         for key in ("k_shot", "k_query"):

@@ -24,6 +24,7 @@ from metalearn.memory import check_fits, compiled_bytes, tree_bytes
 from metalearn.models import Model, make_model
 from metalearn.models.groups import path_name
 from metalearn.models.norm import is_state
+from metalearn.models.precision import mixed
 from metalearn.rundir import RunDir
 from metalearn.train_step import TrainState, make_train_step, task_mesh
 from metalearn.types import Algorithm
@@ -62,6 +63,8 @@ class Experiment(NamedTuple):
 def build(cfg: Config) -> Experiment:
     source = make_task_source(cfg.data)
     model = make_model(cfg.model, source.input_shape)
+    if cfg.train.precision == "bf16":
+        model = mixed(model)
     loss_fn = task_loss_fn(source.kind)
 
     def make_algo(n_out: int) -> Algorithm:

@@ -8,6 +8,7 @@ the speedup column (fastest PyTorch s/step / this s/step, same order and downsam
     python scripts/bench_maml.py --quick         # smoke run, tiny sizes
     python scripts/bench_maml.py --only jax --downsample maxpool --order second
     python scripts/bench_maml.py --flax          # also model=flax (scripts/flax_conv4.py)
+    python scripts/bench_maml.py --bf16          # also train.precision=bf16
 
 The metalearn rows time the train step `metalearn train` itself compiles (experiment.prepare), not a
 copy of it.
@@ -72,6 +73,8 @@ def jax_overrides(cfg: dict) -> list[str]:
         overrides += ["model=flax", f"model.module={FLAX_CONV4}", f"model.kwargs={kwargs}"]
     else:
         overrides.append(f"model.downsample={cfg['downsample']}")
+    if cfg["impl"] == "jax (metalearn, bf16)":
+        overrides.append("train.precision=bf16")
     return overrides
 
 
@@ -266,6 +269,9 @@ def main() -> None:
         help="also time the same step with model=flax and a Flax conv4 like the built-in one",
     )
     ap.add_argument(
+        "--bf16", action="store_true", help="also time the built-in model with train.precision=bf16"
+    )
+    ap.add_argument(
         "--omniglot",
         default=str(ROOT.parent / "shared" / "data" / "omniglot"),
         help="the Omniglot release folder (data.root); the episodes are real Omniglot tasks",
@@ -293,6 +299,7 @@ def main() -> None:
         for order in args.order or ["second", "first"]:
             flax_impls = ["jax (model=flax)", "jax (model=flax, conv_ops conv)"]
             jax_impls = ["jax (metalearn)"] + (flax_impls if args.flax else [])
+            jax_impls += ["jax (metalearn, bf16)"] if args.bf16 else []
             impls = ([] if args.only == "torch" else jax_impls) + (
                 [] if args.only == "jax" else torch_impls
             )

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from metalearn.models import conv4, conv_ops
+from metalearn.models import conv4, conv_ops, make_model
+from metalearn.models.conv4 import Conv4Config
 
 # float32 tolerances; values are O(1) by construction.
 RTOL, ATOL = 1e-4, 1e-5
@@ -357,3 +358,21 @@ def test_drop_in_conv_general_dilated_equals_lax(stride, padding, dilation):
     want = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, **kw)
     got = conv_ops.conv_general_dilated(x, w, (stride, stride), padding, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden, features", [(32, 800), (64, 1600)])
+def test_flatten_pool_gives_the_papers_miniimagenet_features(hidden, features):
+    """MAML's (32 filters) and ProtoNets' (64) 84x84 conv4: 84 -> 42 -> 21 -> 10 -> 5 by max-pool,
+    5 x 5 x hidden features flattened; pool=mean averages the same map."""
+    cfg = Conv4Config(hidden=hidden, downsample="maxpool", pool="flatten")
+    model = make_model(cfg, (84, 84, 3))
+    params = model.init(jax.random.PRNGKey(0), 5)
+    assert params["head"]["w"].shape == (features, 5)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 84, 84, 3))
+    flat = jax.jit(model.embed)(params, x)
+    mean = make_model(Conv4Config(hidden=hidden, downsample="maxpool"), (84, 84, 3)).embed
+    np.testing.assert_allclose(
+        flat.reshape(2, 5, 5, hidden).mean((1, 2)), jax.jit(mean)(params, x), rtol=1e-5, atol=1e-6
+    )
+    assert jax.eval_shape(model.apply, params, x).shape == (2, 5)
+    assert conv4.final_side(84, "stride") == 6  # SAME stride-2 convs round up

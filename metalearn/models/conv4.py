@@ -18,6 +18,7 @@ from metalearn.models.norm import NORMS
 Params = dict[str, Any]
 DOWNSAMPLE = ("stride", "maxpool")
 BN_EPS = 1e-5
+POOLS = ("mean", "flatten")
 
 
 @dataclass
@@ -31,9 +32,13 @@ class Conv4Config(ModelConfig):
     # used at meta-test; metalearn/models/norm.py), updated with rate norm_momentum
     norm: str = "transductive"
     norm_momentum: float = 0.1
+    # features: mean over the last map (hidden of them) | flatten it (MAML's and ProtoNets'
+    # miniImageNet nets: 5 x 5 x hidden at 84x84, 800 with 32 filters, 1600 with 64)
+    pool: str = "mean"
 
     def __post_init__(self) -> None:
         width("model.hidden", self.hidden)
+        choice("model.pool", self.pool, POOLS)
         choice("model.downsample", self.downsample, DOWNSAMPLE)
         choice("model.norm", self.norm, NORMS)
         require(
@@ -51,11 +56,11 @@ def init(
     downsample: str = "stride",
     image_size: int = 28,
     norm: str = "transductive",
+    pool: str = "mean",
 ) -> Params:
     """Glorot-uniform conv and head weights, zero biases, BN scale 1 and offset 0 (no head when
     n_out is None); norm=inductive adds running statistics (mean 0, variance 1) per block."""
     _check(downsample)
-    del image_size  # both downsample modes end in a [B, hidden] feature, whatever the size
     conv_init = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)
     keys = jax.random.split(key, 5)
     blocks = []
@@ -75,8 +80,9 @@ def init(
         cin = hidden
     if n_out is None:
         return {"blocks": blocks}
+    features = hidden * (final_side(image_size, downsample) ** 2 if pool == "flatten" else 1)
     head = {
-        "w": jax.nn.initializers.glorot_uniform()(keys[4], (hidden, n_out), jnp.float32),
+        "w": jax.nn.initializers.glorot_uniform()(keys[4], (features, n_out), jnp.float32),
         "b": jnp.zeros((n_out,), jnp.float32),
     }
     return {"blocks": blocks, "head": head}
@@ -133,15 +139,26 @@ def embed(
     downsample: str,
     conv_impl: str | None = None,
     momentum: float = 0.1,
+    pool: str = "mean",
 ) -> jax.Array:
-    """x [B, H, W, C] float32 -> features [B, hidden]; hook(i, h) transforms block i's output
-    [B, H', W', hidden] (task conditioning)."""
+    """x [B, H, W, C] float32 -> features [B, hidden] (pool=flatten: [B, H' W' hidden]);
+    hook(i, h) transforms block i's output [B, H', W', hidden] (task conditioning)."""
     _check(downsample)
     for i, p in enumerate(params["blocks"]):
         x = block(p, x, downsample=downsample, conv_impl=conv_impl, momentum=momentum)
         if hook is not None:
             x = hook(i, x)
+    if pool == "flatten":
+        return x.reshape(x.shape[0], -1)
     return x.mean(axis=(1, 2))  # stride: mean over what is left; maxpool: 1x1 at 28x28
+
+
+def final_side(image_size: int, downsample: str) -> int:
+    """The side of the last block's map: SAME stride-2 convs round up, 2x2 max-pools down."""
+    side = image_size
+    for _ in range(4):
+        side = -(-side // 2) if downsample == "stride" else side // 2
+    return side
 
 
 def apply(
@@ -151,9 +168,12 @@ def apply(
     downsample: str,
     conv_impl: str | None = None,
     momentum: float = 0.1,
+    pool: str = "mean",
 ) -> jax.Array:
     """x [B, H, W, C] -> logits [B, n_out]."""
-    features = embed(params, x, downsample=downsample, conv_impl=conv_impl, momentum=momentum)
+    features = embed(
+        params, x, downsample=downsample, conv_impl=conv_impl, momentum=momentum, pool=pool
+    )
     return head(params, features)
 
 
@@ -175,9 +195,10 @@ def make(cfg: Conv4Config, input_shape: tuple[int, ...]) -> Model:
             downsample=cfg.downsample,
             image_size=input_shape[0],
             norm=cfg.norm,
+            pool=cfg.pool,
         ),
-        apply=partial(apply, downsample=cfg.downsample, momentum=cfg.norm_momentum),
-        embed=partial(embed, downsample=cfg.downsample, momentum=cfg.norm_momentum),
+        apply=partial(apply, downsample=cfg.downsample, momentum=cfg.norm_momentum, pool=cfg.pool),
+        embed=partial(embed, downsample=cfg.downsample, momentum=cfg.norm_momentum, pool=cfg.pool),
         head=head,
         groups=label_by_names,
         input_shape=tuple(input_shape),
