@@ -442,14 +442,13 @@ WRN = ["model=wrn", "model.depth=10", "model.width=1", "model.drop_rate=0.3"]
 @pytest.mark.parametrize(
     "overrides",
     [
-        # (second-order MAML, ANIL and R2-D2 are covered by the meta-gradient tests below,
-        # whose gradients are what their train steps apply)
-        [*RESNET, "algo=maml", "algo.first_order=true", "model.norm=inductive"],
+        # (MAML, ANIL and R2-D2 are covered by the meta-gradient tests below, whose gradients
+        # are what their train steps apply)
         [*RESNET, "algo=protonet", "model.norm=inductive"],
         [*RESNET, "algo=finetune", "model.norm=inductive"],
         [*WRN, "algo=protonet"],
     ],
-    ids=["fomaml-inductive", "protonet-inductive", "finetune", "wrn"],
+    ids=["protonet-inductive", "finetune", "wrn"],
 )
 def test_one_train_step_of_each_algorithm_from_hydra(omniglot, tmp_path, monkeypatch, overrides):
     cfg = config(omniglot, tmp_path, monkeypatch, overrides)
