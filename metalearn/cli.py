@@ -45,9 +45,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return errors + (OmegaConfBaseException,)
 
 
-def machine_error(error: BaseException) -> str | None:
+def machine_error(
+    error: BaseException, data_sizes: tuple[str, ...] = ("k_shot", "k_query")
+) -> str | None:
     """The message for a failure of the machine rather than of the input (a full or read-only
-    disk, memory XLA could not get); None for anything else, which is a bug to report."""
+    disk, memory XLA could not get); None for anything else, which is a bug to report.
+    data_sizes: the data settings that size a task (DataConfig.size_settings)."""
     if isinstance(error, OSError):
         where = f" ({error.filename})" if error.filename else ""
         return (
@@ -59,8 +62,8 @@ def machine_error(error: BaseException) -> str | None:
     if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
         return (
             "The machine ran out of memory. Lower the sizes that set it (train.meta_batch, "
-            "train.task_chunk, data.k_shot, data.k_query, model.hidden, eval.batch) and run "
-            "again."
+            f"train.task_chunk, {', '.join(f'data.{k}' for k in data_sizes)}, model.hidden, "
+            "eval.batch) and run again."
         )
     return None
 
@@ -120,6 +123,7 @@ def _hydra_train_task(dcfg) -> float | None:
     overrides = list(hydra_cfg.overrides.task)
     run = RunDir(hydra_cfg.runtime.output_dir)
     written = False  # from the moment this command has written the run, failures are recorded
+    cfg = None
     try:
         primary = _join_hosts(dcfg)
         run = RunDir(run.path, primary=primary)
@@ -150,7 +154,7 @@ def _hydra_train_task(dcfg) -> float | None:
             handler.close()
         return _objective(summary)
     except Exception as error:
-        message = _message(error)
+        message = _message(error, cfg)
         if written or (multirun and run.locked and not run.holds_run()):
             # A multirun job records its failure in its own (new) run directory.
             from metalearn.train import Interrupted
@@ -169,11 +173,13 @@ def _hydra_train_task(dcfg) -> float | None:
         run.unlock()
 
 
-def _message(error: Exception) -> str:
-    """The one paragraph shown for `error`; re-raises what is not a user's or machine's error."""
+def _message(error: Exception, cfg=None) -> str:
+    """The one paragraph shown for `error` (in a run of `cfg`, when known); re-raises what is
+    not a user's or machine's error."""
     if isinstance(error, user_errors()):
         return str(error).strip()
-    message = machine_error(error)
+    sizes = ("k_shot", "k_query") if cfg is None else cfg.data.size_settings
+    message = machine_error(error, sizes)
     if message is None:
         raise error
     return message

@@ -369,6 +369,19 @@ def _check_combination(cfg: Config) -> None:
         f"{' or '.join(algo.norms)} batch norm; inductive batch norm works with "
         f"algo in {_names_with('norms', lambda norms: 'inductive' in norms)}.",
     )
+    if data.padded:
+        require(
+            algo.reads_padded,
+            f"algo={algo.name} cannot train on data={data.name}: its episodes vary in way and "
+            "shot and are padded to one shape, and this learner does not read the padding mask "
+            f"(types.Split.mask). Learners that do: algo in {_names_with('reads_padded', bool)}.",
+        )
+        require(
+            model.reads_padded,
+            f"model={model.name} cannot train on data={data.name}: its episodes are padded to "
+            "one shape, and this model's batch statistics would count the padding. Models "
+            f"that leave it out: model in {_names_with('reads_padded', bool, 'model')}.",
+        )
     _check_training_shape(cfg)
     for group in (cfg.data, cfg.model, cfg.conditioning, cfg.algo):
         check_with = getattr(group, "check_with", None)
@@ -410,8 +423,8 @@ def _check_training_shape(cfg: Config) -> None:
     )
 
 
-def _names_with(capability: str, holds) -> list[str]:
-    """The algorithms whose declared `capability` satisfies `holds`."""
+def _names_with(capability: str, holds, group: str = "algo") -> list[str]:
+    """The options of `group` whose declared `capability` satisfies `holds`."""
     return sorted(
-        name for name, schema in schemas("algo").items() if holds(getattr(schema, capability))
+        name for name, schema in schemas(group).items() if holds(getattr(schema, capability))
     )

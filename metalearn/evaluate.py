@@ -22,7 +22,9 @@ MAX_AUTO_EVAL_BATCH = 50
 def make_evaluator(
     algo: Algorithm, source: TaskSource, loss_fn: LossFn, inner_steps: int, batch: int | None
 ) -> Callable:
-    """evaluate(params, split, num_tasks, seed) -> {metric: mean, metric_ci95: ..., num_tasks}.
+    """evaluate(params, split, num_tasks, seed, tasks=None) -> {metric: mean, metric_ci95: ...,
+    num_tasks}; a dict given as `tasks` receives every task's metrics ({metric: [values]}, task i
+    at position i), which pair up task by task between runs on the same tasks (compare).
 
     Task i is always drawn from fold_in(PRNGKey(seed), i), so every evaluation of every run with
     the same seed sees the same tasks, whatever the batch size. A multi-task source's draw i is
@@ -50,12 +52,14 @@ def make_evaluator(
             size = min(auto_chunk_for(len(indices), task), MAX_AUTO_EVAL_BATCH)
         return jax.lax.map(one, indices, batch_size=size)
 
-    def evaluate(params, split: str, num_tasks: int, seed: int) -> dict:
+    def evaluate(params, split: str, num_tasks: int, seed: int, tasks: dict | None = None) -> dict:
         base_key = jax.random.PRNGKey(seed)
         if n_tasks:
             num_tasks = n_tasks * max(1, round(num_tasks / n_tasks))  # every task equally often
         per_task = run_batch(params, source.splits[split], jnp.arange(num_tasks), base_key)
         per_task = jax.device_get(per_task)
+        if tasks is not None:
+            tasks.update({k: np.asarray(v, np.float64).tolist() for k, v in per_task.items()})
         if n_tasks:
             return summarize_tasks(per_task, source.task_names)
         return summarize(per_task)

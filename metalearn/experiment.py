@@ -209,7 +209,8 @@ def prepare(cfg: Config, run: RunDir, resume: bool = False) -> Session:
     step_fn = make_train_step(exp, cfg.train.meta_batch, mesh, cfg.train.task_chunk)
     started = time.perf_counter()
     compiled = step_fn.lower(state, train_arrays, train_key, 1).compile()
-    check_fits(compiled_bytes(compiled), "One training step", _step_sizes(exp, n_params))
+    sizes = _step_sizes(exp, n_params)
+    check_fits(compiled_bytes(compiled), "One training step", sizes, cfg.data.size_settings)
     if progress["step"] == 0:  # as the first step's time counted it before compiling ahead
         progress["compile_time_s"] = time.perf_counter() - started
         progress["train_time_s"] = progress["compile_time_s"]

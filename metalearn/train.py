@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from metalearn.experiment import Session
 from metalearn.progress import Reporter
+from metalearn.protocol import TEST_TASKS_FILE, protocol_card
 from metalearn.rundir import RunDir
 
 log = logging.getLogger("metalearn")
@@ -125,7 +126,11 @@ def train(session: Session, run: RunDir) -> dict:
 
     if best_params is None:  # resumed after the last validation: the best is on disk
         best_params, _ = run.load_checkpoint("best", state.params)
-    test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed)
+    per_task: dict = {}
+    test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed, per_task)
+    protocol = protocol_card(exp, last_step)
+    # each test task's metrics, for paired comparisons of runs on the same tasks (compare)
+    run.write_json(TEST_TASKS_FILE, {"test_tasks": protocol["test_tasks"], "metrics": per_task})
     report.record(best["step"], "test", test, "(the best checkpoint)")
     report.close()
     timed_steps = max(last_step, 1)
@@ -150,6 +155,7 @@ def train(session: Session, run: RunDir) -> dict:
         "jax_version": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
         "eval_inner_steps": exp.eval_inner_steps,
+        "protocol": protocol,
     }
 
 

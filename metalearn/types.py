@@ -12,10 +12,18 @@ Metrics = dict[str, jax.Array]
 
 
 class Split(NamedTuple):
-    """Examples of one task: x [n, ...features], y [n] int32 labels or [n, d] regression targets."""
+    """Examples of one task: x [n, ...features], y [n] int32 labels or [n, d] regression targets.
+
+    mask (bool [n]) marks the real examples of a padded split (variable-way, variable-shot
+    episodes such as Meta-Dataset's, padded to one shape so they batch and jit): padded slots
+    have mask False and label -1, and every loss, prototype, statistic and metric skips them.
+    None (the default) means every example is real; None is no pytree leaf, so fixed-shape
+    episodes are the pytrees they always were.
+    """
 
     x: jax.Array
     y: jax.Array
+    mask: jax.Array | None = None
 
 
 class Task(NamedTuple):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_maml import _learn2learn_maml, _peak_rss_gb, _timed_steps  # noqa: E402
+from bench_maml import _learn2learn_maml, _peak_rss_gb, _timed_steps, time_train_step  # noqa: E402
 
 N_WAY, K_SHOT, N_QUERY, IMAGE, INNER_LR, OUTER_LR = 5, 1, 15, 84, 0.01, 1e-3
 ALGOS = ("protonet", "maml")
@@ -52,13 +52,6 @@ def write_synthetic_mini_imagenet(folder: Path, classes: int = 8, per_class: int
 
 # ------------------------------------------------------------------------------------- JAX
 def run_jax(cfg: dict) -> dict:
-    import jax
-    from hydra import compose, initialize_config_dir
-
-    from metalearn.config import register_schemas, to_config
-    from metalearn.experiment import prepare
-    from metalearn.rundir import RunDir
-
     overrides = [
         "data=mini_imagenet", f"data.root={cfg['root']}", f"data.image_size={IMAGE}",
         f"data.n_way={N_WAY}", f"data.k_shot={K_SHOT}", f"data.k_query={N_QUERY}",
@@ -67,23 +60,8 @@ def run_jax(cfg: dict) -> dict:
     ]  # fmt: skip
     if cfg["algo"] == "maml":
         overrides += [f"algo.inner_lr={INNER_LR}", "algo.inner_steps=1", "algo.first_order=false"]
-    register_schemas()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        config = to_config(compose("config", overrides=overrides), overrides)
-    with tempfile.TemporaryDirectory() as folder:  # prepare writes nothing
-        session = prepare(config, RunDir(Path(folder) / "run"))
-    state = {"s": session.state, "step": 0}
-
-    def run_step():
-        state["step"] += 1
-        key = jax.random.fold_in(session.train_key, state["step"])
-        state["s"], metrics = session.train_step(
-            state["s"], session.train_arrays, key, state["step"]
-        )
-        state["loss"] = float(metrics["loss"])  # blocks until the step is done
-
-    times = _timed_steps(run_step, cfg["steps"], cfg["warmup"])
-    return {"times": times, "compile_s": session.progress["compile_time_s"], "loss": state["loss"]}
+    _, session, times, loss = time_train_step(overrides, cfg["steps"], cfg["warmup"])
+    return {"times": times, "compile_s": session.progress["compile_time_s"], "loss": loss}
 
 
 # ----------------------------------------------------------------------------------- PyTorch

@@ -47,6 +47,39 @@ def _timed_steps(run_step, steps: int, warmup: int) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------- JAX
+def time_train_step(overrides: list[str], steps: int, warmup: int):
+    """Time the train step `metalearn train <overrides>` runs: composed by Hydra, built, checked
+    and compiled by experiment.prepare, fed its own episodes (sampled inside the step, as in
+    training). -> (config, session, step times, last loss)."""
+    sys.path.insert(0, str(ROOT))
+    import tempfile
+
+    import jax
+    from hydra import compose, initialize_config_dir
+
+    from metalearn.config import register_schemas, to_config
+    from metalearn.experiment import prepare
+    from metalearn.rundir import RunDir
+
+    register_schemas()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        config = to_config(compose("config", overrides=overrides), overrides)
+    with tempfile.TemporaryDirectory() as folder:  # prepare writes nothing; the run is never made
+        session = prepare(config, RunDir(Path(folder) / "run"))
+    state = {"s": session.state, "step": 0}
+
+    def run_step():
+        state["step"] += 1
+        key = jax.random.fold_in(session.train_key, state["step"])
+        state["s"], metrics = session.train_step(
+            state["s"], session.train_arrays, key, state["step"]
+        )
+        state["loss"] = float(metrics["loss"])  # blocks until the step is done
+
+    times = _timed_steps(run_step, steps, warmup)
+    return config, session, times, state["loss"]
+
+
 def jax_overrides(cfg: dict) -> list[str]:
     """The `metalearn train` command line of this configuration."""
     overrides = [
@@ -79,38 +112,12 @@ def jax_overrides(cfg: dict) -> list[str]:
 
 
 def run_jax(cfg: dict) -> dict:
-    """Time the train step `metalearn train` runs: composed by Hydra from the same overrides,
-    built, checked and compiled by experiment.prepare, fed its own Omniglot episodes (sampled inside
-    the step, as in training)."""
-    sys.path.insert(0, str(ROOT))
-    import tempfile
-
+    """Time the train step `metalearn train` runs on Omniglot episodes (time_train_step)."""
     import jax
-    from hydra import compose, initialize_config_dir
 
-    from metalearn.config import register_schemas, to_config
-    from metalearn.experiment import prepare
-    from metalearn.rundir import RunDir
-
-    overrides = jax_overrides(cfg)
-    register_schemas()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        config = to_config(compose("config", overrides=overrides), overrides)
-    with tempfile.TemporaryDirectory() as folder:  # prepare writes nothing; the run is never made
-        session = prepare(config, RunDir(Path(folder) / "run"))
+    config, session, times, loss = time_train_step(jax_overrides(cfg), cfg["steps"], cfg["warmup"])
     cost = session.train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    state = {"s": session.state, "step": 0}
-
-    def run_step():
-        state["step"] += 1
-        key = jax.random.fold_in(session.train_key, state["step"])
-        state["s"], metrics = session.train_step(
-            state["s"], session.train_arrays, key, state["step"]
-        )
-        state["loss"] = float(metrics["loss"])  # blocks until the step is done
-
-    times = _timed_steps(run_step, cfg["steps"], cfg["warmup"])
     chunk = config.train.task_chunk
     if chunk is None:
         from metalearn.task_chunks import auto_task_chunk
@@ -121,7 +128,7 @@ def run_jax(cfg: dict) -> dict:
         "compile_s": session.progress["compile_time_s"],
         # XLA counts a loop body once: one chunk's FLOPs (plus the optimizer's, negligible)
         "gflop": (cost or {}).get("flops", 0.0) / 1e9 * (cfg["meta_batch"] // chunk),
-        "loss": state["loss"],
+        "loss": loss,
         "backend": jax.default_backend(),
         "task_chunk": chunk,
     }

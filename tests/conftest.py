@@ -34,6 +34,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 @pytest.fixture(scope="module")
+def omniglot(tmp_path_factory):
+    """A tiny Omniglot release (3 background and 2 evaluation alphabets of 4 characters) in the
+    official zips' layout, made once per test module."""
+    from omniglot_fixture import make_omniglot_zips
+
+    return make_omniglot_zips(tmp_path_factory.mktemp("omniglot"), 3, 2, 4)
+
+
+@pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """The environment of the `metalearn` processes a test module starts: none of the user's
     data folders, a private cache, Hydra's short errors."""

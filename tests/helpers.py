@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,21 @@ from metalearn.experiment import Experiment
 from metalearn.models import Model
 from metalearn.models.groups import label_by_names
 from metalearn.types import Split, Task
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str], tmp_path: Path, monkeypatch):
+    """The typed Config `metalearn train <overrides>` runs, with a private dataset cache."""
+    from hydra import compose, initialize_config_dir
+
+    from metalearn.config import register_schemas, to_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    register_schemas()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return to_config(compose("config", overrides=overrides), overrides)
+
 
 LINEAR = Model(
     init=lambda key, n_out: {"blocks": [], "head": {"w": jax.random.normal(key, (3, n_out))}},

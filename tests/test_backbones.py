@@ -5,16 +5,13 @@ errors, and the algorithms' meta-gradients and a train step through Hydra (slow 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hydra import compose, initialize_config_dir
+from helpers import compose_config
 from jax import lax
-from omniglot_fixture import make_omniglot_zips
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import classification_loss, task_gradient
@@ -22,7 +19,6 @@ from metalearn.algorithms.maml import ANILConfig, MAMLConfig
 from metalearn.algorithms.protonet import ProtoNetConfig
 from metalearn.algorithms.r2d2 import R2D2Config
 from metalearn.checks import ConfigError
-from metalearn.config import register_schemas, to_config
 from metalearn.experiment import build, initial_state
 from metalearn.models import make_model, norm, num_params, randomness
 from metalearn.models._resnet12_net import ResNet12, ResNet12Block
@@ -40,7 +36,6 @@ from metalearn.models.wrn import WRNConfig
 from metalearn.train_step import make_train_step
 from metalearn.types import Split, Task
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 KEY = jax.random.PRNGKey(0)
 RTOL, ATOL = 1e-5, 1e-5  # float32: conv_ops' im2col against XLA's conv, then batch norm
 SMALL = [4, 4, 4, 4]  # a tiny ResNet-12 through the adapter
@@ -407,19 +402,11 @@ def test_bad_values_are_one_clear_paragraph(schema, kwargs, named):
 # ------------------------------------------------------------------ Hydra and the algorithms
 
 
-@pytest.fixture(scope="module")
-def omniglot(tmp_path_factory):
-    return make_omniglot_zips(tmp_path_factory.mktemp("omniglot"), 3, 2, 4)
-
-
 def config(omniglot, tmp_path, monkeypatch, overrides):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    register_schemas()
     overrides = ["data=omniglot", f"data.root={omniglot}", "data.split_sizes=[12,4,4]",
                  f"data.n_way={N_WAY}", "data.k_query=2", "data.image_size=16",
                  "train.meta_batch=2", *overrides]  # fmt: skip
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return to_config(compose("config", overrides=overrides), overrides)
+    return compose_config(overrides, tmp_path, monkeypatch)
 
 
 def test_hydra_options_compose_with_their_schemas_defaults(omniglot, tmp_path, monkeypatch):

@@ -226,7 +226,8 @@ def test_non_finite_metric_is_ranked_last_and_marked(tmp_path, capsys, objective
         summary = {"status": "completed", "objective": objective, "test": test}
         write_run(tmp_path / name, summary, [f"seed={name}"])
     (tmp_path / "out").mkdir()
-    code, out, err = compare([tmp_path, "--csv", tmp_path / "out" / "t.csv"], capsys)
+    # --each-run: the runs differ only in seed, which compare would otherwise show as one row
+    code, out, err = compare([tmp_path, "--csv", tmp_path / "out" / "t.csv", "--each-run"], capsys)
     assert code == 0, err
     rows = rows_by_run(out)
     finite = ["high", "low"] if objective == "accuracy" else ["low", "high"]

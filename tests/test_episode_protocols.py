@@ -10,33 +10,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omniglot_fixture import make_omniglot_zips
+from helpers import compose_config
 
 from metalearn.checks import ConfigError
-from metalearn.config import register_schemas, to_config
 from metalearn.data import omniglot
 from metalearn.experiment import build, initial_state
 from metalearn.train_step import make_train_step
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
 KEY = jax.random.PRNGKey(0)
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    # 3 background alphabets (12 characters) and 2 evaluation ones (8), 20 drawings each
-    return make_omniglot_zips(tmp_path_factory.mktemp("omniglot"), 3, 2, 4)
+def root(omniglot):  # conftest's tiny Omniglot (this module uses the name for the data module)
+    return omniglot
 
 
 def config(root, tmp_path, monkeypatch, overrides):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    register_schemas()
     overrides = ["data=omniglot", f"data.root={root}", "data.image_size=12", "model.hidden=4",
                  "data.download=false", *overrides]  # fmt: skip
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return to_config(compose("config", overrides=overrides), overrides)
+    return compose_config(overrides, tmp_path, monkeypatch)
 
 
 def random_split(*more):
@@ -82,8 +75,7 @@ def test_bad_training_shapes_are_one_paragraph(root, tmp_path, monkeypatch):
         config(root, tmp_path, monkeypatch, random_split("train.k_shot=0"))
     with pytest.raises(ConfigError, match="only N-way K-shot classification data"):
         sinusoid = ["data=sinusoid", "model=mlp", "train.k_shot=5"]
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            to_config(compose("config", overrides=sinusoid), sinusoid)
+        compose_config(sinusoid, tmp_path, monkeypatch)
     cfg = config(
         root, tmp_path, monkeypatch, random_split("algo=protonet", "data.n_way=3", "train.n_way=13")
     )

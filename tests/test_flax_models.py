@@ -536,7 +536,7 @@ def test_bad_module_on_the_command_line_is_one_paragraph(user_env, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("case", ["nnx_conv4"])  # NNX's parameter tree is the one cg failed on
 def test_imaml_vmapped_over_tasks_equals_the_built_in_model(case):
     """iMAML's conjugate gradients vmapped over a batch of tasks (where jax.scipy's cg failed on
     Flax parameter trees), leaf by leaf against the built-in model."""

@@ -9,7 +9,6 @@ import inspect
 import json
 import os
 from functools import partial
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -17,9 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import metalearn
-from hydra import compose, initialize_config_dir
-from omniglot_fixture import make_omniglot_zips
+from helpers import compose_config, metalearn
 
 from metalearn import load_run
 from metalearn.algorithms.base import classification_loss, sgd_adapt
@@ -28,7 +25,6 @@ from metalearn.algorithms.maml import make as make_maml
 from metalearn.algorithms.reptile import ReptileConfig
 from metalearn.algorithms.reptile import make as make_reptile
 from metalearn.checks import ConfigError
-from metalearn.config import register_schemas, to_config
 from metalearn.experiment import build, initial_state
 from metalearn.models import Model, make_model, norm, randomness
 from metalearn.models.flax_module import FlaxConfig
@@ -36,7 +32,6 @@ from metalearn.models.groups import STATE
 from metalearn.train_step import make_train_step
 from metalearn.types import Split, Task
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 HERE = __name__
 KEY = jax.random.PRNGKey(0)
 RATE = 0.5
@@ -258,19 +253,11 @@ def test_a_linen_train_switch_with_dropout_needs_inductive_batch_norm():
 # ------------------------------------------------------------------ inductive batch norm
 
 
-@pytest.fixture(scope="module")
-def omniglot(tmp_path_factory):
-    return make_omniglot_zips(tmp_path_factory.mktemp("omniglot"), 3, 2, 4)
-
-
 def config(omniglot, tmp_path, monkeypatch, overrides):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    register_schemas()
     overrides = ["data=omniglot", f"data.root={omniglot}", "data.split_sizes=[12,4,4]",
                  "data.n_way=3", "data.k_query=2", "data.image_size=14", "model=flax",
                  *overrides]  # fmt: skip
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return to_config(compose("config", overrides=overrides), overrides)
+    return compose_config(overrides, tmp_path, monkeypatch)
 
 
 def linen_update(params, x):

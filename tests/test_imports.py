@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "metalearn"
 # Each report module imports only the ones before it (metalearn/reports/__init__.py).
-REPORT_LAYERS = ["runs", "table", "plots", "transfer", "compare"]
+REPORT_LAYERS = ["runs", "table", "seeds", "paired", "plots", "transfer", "compare"]
 
 
 def module_files() -> dict[str, Path]:

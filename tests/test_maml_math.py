@@ -32,7 +32,7 @@ def step_gradient(exp, params):
 
 def closed_form_maml_gradient(w, task, lr, first_order):
     """MSE L(w) = |Xw - y|^2 / n; one inner step w' = w - lr * 2/ns Xs^T (Xs w - ys)."""
-    (xs, ys), (xq, yq) = task.support, task.query
+    xs, ys, xq, yq = task.support.x, task.support.y, task.query.x, task.query.y
     ns, nq = len(xs), len(xq)
     w_adapted = w - lr * 2 / ns * xs.T @ (xs @ w - ys)
     query_grad = 2 / nq * xq.T @ (xq @ w_adapted - yq)
@@ -134,7 +134,7 @@ def test_reptile_update_is_mean_of_adapted_minus_initial():
     for task in tasks:  # plain SGD written out by hand
         v = w
         for _ in range(4):
-            xs, ys = task.support
+            xs, ys = task.support.x, task.support.y
             v = v - 0.05 * 2 / len(xs) * xs.T @ (xs @ v - ys)
         adapted.append(v)
     want = jnp.mean(jnp.stack(adapted), 0) - w

@@ -96,7 +96,7 @@ def test_imaml_meta_gradient_matches_closed_form_on_a_quadratic():
     cfg = IMAMLConfig(inner_lr=0.05, inner_steps=400, prox_lambda=lam, cg_steps=3)
     algo = ALGORITHMS["imaml"](cfg, LINEAR, regression_loss, n_out=1, n_train_classes=1)
     theta = LINEAR.init(jax.random.PRNGKey(1), 1)
-    (xs, ys), (xq, yq) = TASK.support, TASK.query
+    xs, ys, xq, yq = TASK.support.x, TASK.support.y, TASK.query.x, TASK.query.y
     h = 2 / len(xs) * xs.T @ xs  # Hessian of the support MSE
     phi = jnp.linalg.solve(h + lam * jnp.eye(3), lam * theta["head"]["w"] + 2 / len(xs) * xs.T @ ys)
     g = 2 / len(xq) * xq.T @ (xq @ phi - yq)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omniglot_fixture import make_omniglot_zips
+from helpers import compose_config
 
 from metalearn.checks import ConfigError
-from metalearn.config import register_schemas, to_config
 from metalearn.experiment import build, initial_state
 from metalearn.models import conv4, norm
 from metalearn.train_step import make_train_step
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 KEY = jax.random.PRNGKey(0)
 
 
@@ -43,19 +39,11 @@ def test_follow_is_the_identity_whose_backward_steps_the_statistics_to_their_upd
     np.testing.assert_array_equal(gr["m"], running["m"] - updated["m"])  # SGD rate 1 -> updated
 
 
-@pytest.fixture(scope="module")
-def omniglot(tmp_path_factory):
-    return make_omniglot_zips(tmp_path_factory.mktemp("omniglot"), 3, 2, 4)
-
-
 def config(omniglot, tmp_path, monkeypatch, overrides):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    register_schemas()
     overrides = ["data=omniglot", f"data.root={omniglot}", "data.split_sizes=[12,4,4]",
                  "data.n_way=3", "data.k_query=2", "data.image_size=14", "model.hidden=8",
                  *overrides]  # fmt: skip
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return to_config(compose("config", overrides=overrides), overrides)
+    return compose_config(overrides, tmp_path, monkeypatch)
 
 
 def block_moments(params, x, upto: int):

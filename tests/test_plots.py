@@ -118,7 +118,7 @@ def test_compare_plot_writes_both_pngs(runs_root, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    table_lines = [line for line in lines if not line.startswith("wrote ")]
+    table_lines = result.stdout.split("\n\n")[0].splitlines()  # the table, before its notes
     assert len(table_lines) == 4 and "algo" in table_lines[0]
     assert [line.split()[0] for line in table_lines[1:]] == ["1_protonet", "0_maml", "2_reptile"]
     assert "failed: Omniglot was not found" in table_lines[3]

@@ -411,6 +411,11 @@ def test_memory_check_says_what_asks_for_the_memory():
     check_fits(1024, "A small step", "1 task")
     with pytest.raises(ConfigError, match=r"A huge step needs about .* GiB.*: 9 tasks\. Lower"):
         check_fits(2 * available_bytes(), "A huge step", "9 tasks")
+    # the data option names its own size settings (data=meta_dataset has no k_shot to lower)
+    from metalearn.data.meta_dataset import MetaDatasetConfig
+
+    with pytest.raises(ConfigError, match=r"Lower train.meta_batch, data.max_way, data.max_query"):
+        check_fits(2 * available_bytes(), "A step", "1 task", MetaDatasetConfig.size_settings)
 
 
 @pytest.mark.parametrize("override", ["algo=reptile", "train=3"])

@@ -82,7 +82,8 @@ def test_multirun_records_a_failed_job_and_goes_on(tmp_path, env):
     for name in ("0_maml_sinusoid", "2_maml_sinusoid"):
         assert_completed(sweep / name, runs[name])
 
-    table = check(metalearn(["compare", str(sweep)], env, tmp_path)).stdout.strip().splitlines()
+    out = check(metalearn(["compare", str(sweep)], env, tmp_path)).stdout
+    table = out.strip().split("\n\n")[0].splitlines()  # the table, before its notes
     assert len(table) == 4, table  # the header and one row per job
     rows = {line.split()[0]: line for line in table[1:]}
     assert set(rows) == set(runs)

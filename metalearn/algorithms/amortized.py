@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from metalearn import registry
-from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm, masked_mean, split_outputs
 from metalearn.algorithms.protonet import prototypes, squared_distance_logits
 from metalearn.checks import width
 from metalearn.conditioning import make_vector_conditioned_model
@@ -31,6 +31,7 @@ from metalearn.types import Algorithm
 @dataclass
 class AmortizedConfig(AlgoConfig):
     conditioned: ClassVar[bool] = True
+    reads_padded: ClassVar[bool] = True
 
     name: str = "amortized"
     context_dim: int = 32  # size of the task representation h
@@ -75,12 +76,17 @@ def make(
 
     def adapt(meta_params, support, key, inner_steps=0):
         enc = meta_params["encoder"]
-        h = jnp.concatenate([model.embed(enc["trunk"], support.x), encode_labels(support.y)], -1)
-        h = (jax.nn.relu(h @ enc["w1"] + enc["b1"]) @ enc["w2"] + enc["b2"]).mean(0)
+        trunk = split_outputs(lambda x: model.embed(enc["trunk"], x), support)
+        h = jnp.concatenate([trunk, encode_labels(support.y)], -1)
+        h = masked_mean(
+            jax.nn.relu(h @ enc["w1"] + enc["b1"]) @ enc["w2"] + enc["b2"], support.mask
+        )
         if not classification:
             return h
-        feats = predictor.apply_vector(meta_params["predictor"], support.x, h)
-        return h, prototypes(feats, support.y, n_out)
+        feats = split_outputs(
+            lambda x: predictor.apply_vector(meta_params["predictor"], x, h), support
+        )
+        return h, prototypes(feats, support.y, n_out, support.mask)
 
     def predict(meta_params, task_params, x):
         if not classification:

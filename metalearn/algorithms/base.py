@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import optax
 from omegaconf import MISSING
 
-from metalearn.models import randomness
+from metalearn.models import norm, randomness
 from metalearn.types import Algorithm, Metrics, Objective, Params, Split
 
-LossFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Metrics]]
+# loss_fn(outputs, targets, mask=None, classes=None) -> (loss, metrics): mask (bool [n]) marks
+# the real examples of a padded split, classes (bool [outputs]) the classes an episode has
+LossFn = Callable[..., tuple[jax.Array, Metrics]]
 
 
 @dataclass
@@ -33,6 +35,9 @@ class AlgoConfig:
         learned update rule (Reptile's, iMAML's) or a task weighting.
     any_way: its parameters do not depend on the number of classes of an episode, so it can
         train on episodes of another way than it is tested on (train.n_way).
+    reads_padded: it reads padded splits (types.Split.mask) in every loss, prototype, statistic
+        and metric (through split_loss / split_outputs / masked_mean), so it can train on
+        variable-way, variable-shot episodes (DataConfig.padded).
     An algorithm's own cross-group rules go in `check_with(config)`.
     """
 
@@ -41,6 +46,7 @@ class AlgoConfig:
     conditioned: ClassVar[bool] = False
     norms: ClassVar[tuple[str, ...]] = ("transductive",)
     any_way: ClassVar[bool] = False
+    reads_padded: ClassVar[bool] = False
 
     name: str = MISSING
     # Start the model's parameter groups `init_groups` (labels: metalearn/models/groups.py) from
@@ -73,11 +79,11 @@ def make_algorithm(
 
     def episodic(params, task, key, inner_steps):
         task_params = adapt(params, task.support, key, inner_steps)
-        return loss_fn(predict(params, task_params, task.query.x), task.query.y)
+        return query_loss(loss_fn, lambda x: predict(params, task_params, x), task)
 
     def episodic_loss(params, task, key, step=0):
         task_params = adapt(params, task.support, key)  # the training number of inner steps
-        return loss_fn(predict(params, task_params, task.query.x), task.query.y)
+        return query_loss(loss_fn, lambda x: predict(params, task_params, x), task)
 
     meta_loss = meta_loss or episodic_loss
     return Algorithm(
@@ -120,15 +126,90 @@ def task_gradient(algo: Algorithm, params: Params, task, key, step=0) -> tuple[P
     return grads, metrics
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, Metrics]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = (jnp.argmax(logits, -1) == labels).mean()
-    return loss, {"loss": loss, "accuracy": accuracy}
+def classification_loss(
+    logits: jax.Array, labels: jax.Array, mask=None, classes=None
+) -> tuple[jax.Array, Metrics]:
+    """Cross-entropy (the negative log-likelihood), accuracy and expected calibration error over
+    the real examples (mask), among the classes the episode has (classes: a head of
+    data.max_way outputs scores episodes of fewer ways)."""
+    if classes is not None:
+        logits = jnp.where(classes, logits, -1e9)  # not -inf: 0 * inf would be NaN
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    loss = masked_mean(ce, mask)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    accuracy = masked_mean(correct, mask)
+    confidence = jax.lax.stop_gradient(jnp.max(jax.nn.softmax(logits, -1), -1))
+    ece = calibration_error(confidence, jax.lax.stop_gradient(correct), mask)
+    return loss, {"loss": loss, "accuracy": accuracy, "ece": ece}
 
 
-def regression_loss(predictions: jax.Array, targets: jax.Array) -> tuple[jax.Array, Metrics]:
-    loss = jnp.mean((predictions - targets) ** 2)
+ECE_BINS = 15  # equal-width confidence bins, as Guo et al. 2017
+
+
+def calibration_error(confidence: jax.Array, correct: jax.Array, mask=None) -> jax.Array:
+    """Expected calibration error of one task's predictions: sum over confidence bins of
+    |accuracy - mean confidence| weighted by the bin's share of the examples (Guo et al. 2017),
+    computed per task (the evaluation reports its mean over test tasks)."""
+    weight = jnp.ones_like(confidence) if mask is None else mask.astype(confidence.dtype)
+    bins = jnp.clip(jnp.floor(confidence * ECE_BINS), 0, ECE_BINS - 1).astype(jnp.int32)
+    gaps = jax.ops.segment_sum((correct - confidence) * weight, bins, ECE_BINS)
+    return jnp.sum(jnp.abs(gaps)) / jnp.maximum(jnp.sum(weight), 1)
+
+
+def regression_loss(
+    predictions: jax.Array, targets: jax.Array, mask=None, classes=None
+) -> tuple[jax.Array, Metrics]:
+    """Mean squared error over the real examples (classes: classification only, unused)."""
+    if mask is None:
+        loss = jnp.mean((predictions - targets) ** 2)
+    else:
+        per_example = jnp.square(predictions - targets).reshape(len(mask), -1).mean(-1)
+        loss = masked_mean(per_example, mask)
     return loss, {"loss": loss}
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The mean over axis 0 of the real examples (all of them when mask is None)."""
+    if mask is None:
+        return values.mean(0)
+    w = mask.astype(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
+    return jnp.sum(values * w, 0) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def split_outputs(apply: Callable[[jax.Array], jax.Array], split: Split) -> jax.Array:
+    """apply(split.x), its batch norms' statistics over the split's real examples."""
+    with norm.examples(split.mask):
+        return apply(split.x)
+
+
+def episode_classes(support: Split, n_out: int) -> jax.Array | None:
+    """bool [n_out]: the classes a padded episode's support set has (None: unpadded, all)."""
+    if support.mask is None:
+        return None
+    counts = jnp.sum(jax.nn.one_hot(support.y, n_out) * support.mask[:, None], 0)
+    return counts > 0
+
+
+def split_loss(
+    loss_fn: LossFn, apply: Callable[[jax.Array], jax.Array], split: Split, support: Split | None
+) -> tuple[jax.Array, Metrics]:
+    """loss_fn of apply(split.x) against split.y over the real examples; with the episode's
+    support set, among the classes it has (None: a classifier over all its outputs)."""
+    outputs = split_outputs(apply, split)
+    classes = None if support is None else episode_classes(support, outputs.shape[-1])
+    if split.mask is None and classes is None:  # unpadded: any loss_fn(outputs, targets) serves
+        return loss_fn(outputs, split.y)
+    return loss_fn(outputs, split.y, split.mask, classes)
+
+
+def support_loss(loss_fn: LossFn, apply: Callable, support: Split) -> jax.Array:
+    """The loss an inner loop descends: the support set's, among its own classes."""
+    return split_loss(loss_fn, apply, support, support)[0]
+
+
+def query_loss(loss_fn: LossFn, apply: Callable, task) -> tuple[jax.Array, Metrics]:
+    """A task's query loss and metrics, among the classes of its support set."""
+    return split_loss(loss_fn, apply, task.query, task.support)
 
 
 def task_loss_fn(kind: str) -> LossFn:

@@ -14,7 +14,13 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from metalearn import registry
-from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm, sgd_adapt
+from metalearn.algorithms.base import (
+    AlgoConfig,
+    LossFn,
+    make_algorithm,
+    sgd_adapt,
+    support_loss,
+)
 from metalearn.checks import check_inner_steps, positive, width
 from metalearn.conditioning import make_vector_conditioned_model
 from metalearn.models import Model
@@ -24,6 +30,7 @@ from metalearn.types import Algorithm
 @dataclass
 class CAVIAConfig(AlgoConfig):
     conditioned: ClassVar[bool] = True
+    reads_padded: ClassVar[bool] = True
 
     name: str = "cavia"
     inner_lr: float = 1.0  # step size on the context vector
@@ -49,12 +56,12 @@ def make(
         default="concat",
     )
 
-    def support_loss(context, meta_params, split):
-        return loss_fn(net.apply_vector(meta_params, split.x, context), split.y)[0]
+    def inner_loss(context, meta_params, split):
+        return support_loss(loss_fn, lambda x: net.apply_vector(meta_params, x, context), split)
 
     def adapt(meta_params, support, key, inner_steps=cfg.inner_steps):
         return sgd_adapt(
-            lambda context, split: support_loss(context, meta_params, split),
+            lambda context, split: inner_loss(context, meta_params, split),
             jnp.zeros((cfg.context_dim,)),
             support,
             lr=cfg.inner_lr,

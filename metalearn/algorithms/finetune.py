@@ -16,7 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from metalearn import registry
-from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm, sgd_adapt
+from metalearn.algorithms.base import (
+    AlgoConfig,
+    LossFn,
+    make_algorithm,
+    sgd_adapt,
+    split_loss,
+    support_loss,
+)
 from metalearn.checks import (
     MAX_INNER_STEPS,
     MAX_TASKS,
@@ -34,6 +41,7 @@ from metalearn.types import Algorithm
 class FinetuneConfig(AlgoConfig):
     norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
     any_way: ClassVar[bool] = True
+    reads_padded: ClassVar[bool] = True
     name: str = "finetune"
     inner_lr: float = 0.01  # fine-tuning learning rate at meta-test
     inner_steps: int = 10  # fine-tuning steps at meta-test
@@ -84,12 +92,12 @@ def make(
     cfg: FinetuneConfig, model: Model, loss_fn: LossFn, n_out: int, n_train_classes: int, **_
 ) -> Algorithm:
     def loss(params, split):
-        return loss_fn(model.apply(params, split.x), split.y)[0]
+        return support_loss(loss_fn, lambda x: model.apply(params, x), split)
 
     def meta_loss(params, task, key, step=None):
-        x = jnp.concatenate([task.support.x, task.query.x])
-        y = jnp.concatenate([task.support.y, task.query.y])
-        return loss_fn(model.apply(params, x), y)
+        """Pre-training: a classifier over all meta-train classes, on support and query alike."""
+        both = jax.tree.map(lambda s, q: jnp.concatenate([s, q]), task.support, task.query)
+        return split_loss(loss_fn, lambda x: model.apply(params, x), both, None)
 
     def is_head(params):
         return jax.tree.map(lambda g: g == HEAD, model.groups(params))

@@ -10,12 +10,20 @@ pass, so memory does not grow with the number of inner steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from metalearn import registry
-from metalearn.algorithms.base import AlgoConfig, LossFn, direction_loss, make_algorithm
+from metalearn.algorithms.base import (
+    AlgoConfig,
+    LossFn,
+    direction_loss,
+    make_algorithm,
+    query_loss,
+    support_loss,
+)
 from metalearn.checks import MAX_INNER_STEPS, at_most, check_inner_steps, positive, require
 from metalearn.models import Model, randomness
 from metalearn.types import Algorithm
@@ -23,6 +31,8 @@ from metalearn.types import Algorithm
 
 @dataclass
 class IMAMLConfig(AlgoConfig):
+    reads_padded: ClassVar[bool] = True
+
     name: str = "imaml"
     inner_lr: float = 0.1
     inner_steps: int = 16  # gradient steps on the proximal inner problem
@@ -40,8 +50,8 @@ class IMAMLConfig(AlgoConfig):
 def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Algorithm:
     lam = cfg.prox_lambda
 
-    def loss(params, split):
-        return loss_fn(model.apply(params, split.x), split.y)[0]
+    def loss(params, split):  # over the support set's classes: the query's are the same
+        return support_loss(loss_fn, lambda x: model.apply(params, x), split)
 
     def adapt(meta_params, support, key, inner_steps=cfg.inner_steps):
         theta = jax.lax.stop_gradient(meta_params)
@@ -59,8 +69,8 @@ def make(cfg: IMAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Al
     def meta_loss(meta_params, task, key, step=0):
         """A surrogate whose gradient is the implicit meta-gradient."""
         phi = adapt(meta_params, task.support, key)
-        query_loss, metrics = loss_fn(model.apply(phi, task.query.x), task.query.y)
-        g = jax.grad(loss)(phi, task.query)
+        _, metrics = query_loss(loss_fn, lambda x: model.apply(phi, x), task)
+        g = jax.grad(lambda p: query_loss(loss_fn, lambda x: model.apply(p, x), task)[0])(phi)
         support_grad = lambda p: jax.grad(loss)(p, task.support)  # noqa: E731
 
         def matvec(v):  # (I + H / lam) v

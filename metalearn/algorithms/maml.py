@@ -24,7 +24,14 @@ import jax
 import jax.numpy as jnp
 
 from metalearn import registry
-from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm, sgd_adapt
+from metalearn.algorithms.base import (
+    AlgoConfig,
+    LossFn,
+    make_algorithm,
+    query_loss,
+    sgd_adapt,
+    support_loss,
+)
 from metalearn.checks import check_inner_steps, positive, require
 from metalearn.models import Model
 from metalearn.models.groups import combine, partition, select
@@ -34,6 +41,7 @@ from metalearn.types import Algorithm
 @dataclass
 class MAMLConfig(AlgoConfig):
     norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
+    reads_padded: ClassVar[bool] = True
     name: str = "maml"
     inner_lr: float = 0.4
     inner_steps: int = 1
@@ -121,11 +129,11 @@ def make(cfg: MAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Alg
         params = model_params(meta_params)
         adapted, frozen = partition(params, adapt_mask(model, params, cfg.adapt))
 
-        def support_loss(adapted, split):
-            return loss_fn(model.apply(combine(adapted, frozen), split.x), split.y)[0]
+        def inner_loss(adapted, split):
+            return support_loss(loss_fn, lambda x: model.apply(combine(adapted, frozen), x), split)
 
         out = sgd_adapt(
-            support_loss,
+            inner_loss,
             adapted,
             support,
             lr=inner_rates(meta_params),
@@ -152,13 +160,13 @@ def make(cfg: MAMLConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> Alg
         (final, path), frozen = inner_loop(
             meta_params, task.support, cfg.inner_steps, first_order, trajectory=True
         )
-        final_loss, metrics = loss_fn(
-            predict(meta_params, combine(final, frozen), task.query.x), task.query.y
+        final_loss, metrics = query_loss(
+            loss_fn, lambda x: predict(meta_params, combine(final, frozen), x), task
         )
         if not cfg.multi_step_loss:
             return final_loss, metrics
         losses = jax.vmap(
-            lambda p: loss_fn(model.apply(combine(p, frozen), task.query.x), task.query.y)[0]
+            lambda p: query_loss(loss_fn, lambda x: model.apply(combine(p, frozen), x), task)[0]
         )(path)
         weights = multi_step_weights(cfg.inner_steps, step, cfg.multi_step_loss)
         return jnp.sum(weights * losses), metrics

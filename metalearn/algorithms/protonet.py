@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from metalearn import registry
-from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm, split_outputs
 from metalearn.models import Model
 from metalearn.types import Algorithm
 
@@ -19,14 +19,20 @@ class ProtoNetConfig(AlgoConfig):
     norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
     any_way: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("classification",)
+    reads_padded: ClassVar[bool] = True
 
     name: str = "protonet"
 
 
-def prototypes(embeddings: jax.Array, labels: jax.Array, n_way: int) -> jax.Array:
-    """Mean embedding per class: [n_way, D]."""
+def prototypes(
+    embeddings: jax.Array, labels: jax.Array, n_way: int, mask: jax.Array | None = None
+) -> jax.Array:
+    """Mean embedding per class over the real examples: [n_way, D] (zero for a class the
+    support set lacks, whose logits the loss masks)."""
     one_hot = jax.nn.one_hot(labels, n_way)  # [S, N]
-    return (one_hot.T @ embeddings) / one_hot.sum(0)[:, None]
+    if mask is not None:
+        one_hot = one_hot * mask[:, None]
+    return (one_hot.T @ embeddings) / jnp.maximum(one_hot.sum(0), 1)[:, None]
 
 
 def squared_distance_logits(queries: jax.Array, protos: jax.Array) -> jax.Array:
@@ -43,7 +49,8 @@ def make(cfg: ProtoNetConfig, model: Model, loss_fn: LossFn, n_out: int, **_) ->
         return model.init(key, None)  # prototypes replace the classifier
 
     def adapt(meta_params, support, key, inner_steps=0):
-        return prototypes(model.embed(meta_params, support.x), support.y, n_out)
+        embeddings = split_outputs(lambda x: model.embed(meta_params, x), support)
+        return prototypes(embeddings, support.y, n_out, support.mask)
 
     def predict(meta_params, protos, x):
         return squared_distance_logits(model.embed(meta_params, x), protos)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from metalearn import registry
-from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm
+from metalearn.algorithms.base import AlgoConfig, LossFn, make_algorithm, split_outputs
 from metalearn.checks import positive
 from metalearn.models import Model
 from metalearn.types import Algorithm
@@ -29,6 +29,7 @@ class R2D2Config(AlgoConfig):
     norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
     any_way: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("classification",)
+    reads_padded: ClassVar[bool] = True
 
     name: str = "r2d2"
     ridge: float = 1.0  # lambda at the start; learned unless learn_ridge=false
@@ -60,8 +61,14 @@ def make(cfg: R2D2Config, model: Model, loss_fn: LossFn, n_out: int, **_) -> Alg
         return jnp.exp(log_ridge if cfg.learn_ridge else jax.lax.stop_gradient(log_ridge))
 
     def adapt(meta_params, support, key, inner_steps=0):
-        features = model.embed(meta_params["embed"], support.x)
-        return ridge_head(features, jax.nn.one_hot(support.y, n_out), ridge(meta_params))
+        features = split_outputs(lambda x: model.embed(meta_params["embed"], x), support)
+        targets = jax.nn.one_hot(support.y, n_out)
+        if support.mask is not None:
+            # Zero rows of padding leave the solution for the real rows as it is: the Gram
+            # matrix is block diagonal and the padding's block solves to zero weights.
+            real = support.mask[:, None]
+            features, targets = features * real, targets * real
+        return ridge_head(features, targets, ridge(meta_params))
 
     def predict(meta_params, head, x):
         features = model.embed(meta_params["embed"], x)

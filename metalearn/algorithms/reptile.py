@@ -8,13 +8,21 @@ applies it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from metalearn import registry
-from metalearn.algorithms.base import AlgoConfig, LossFn, direction_loss, make_algorithm
+from metalearn.algorithms.base import (
+    AlgoConfig,
+    LossFn,
+    direction_loss,
+    make_algorithm,
+    query_loss,
+    support_loss,
+)
 from metalearn.checks import check_inner_steps, choice, positive
 from metalearn.models import Model, randomness
 from metalearn.types import Algorithm
@@ -22,6 +30,8 @@ from metalearn.types import Algorithm
 
 @dataclass
 class ReptileConfig(AlgoConfig):
+    reads_padded: ClassVar[bool] = True
+
     name: str = "reptile"
     inner_lr: float = 0.001
     inner_steps: int = 5
@@ -40,14 +50,14 @@ def make(cfg: ReptileConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> 
     else:
         inner = optax.sgd(cfg.inner_lr)
 
-    def support_loss(params, split):
-        return loss_fn(model.apply(params, split.x), split.y)[0]
+    def inner_loss(params, split):
+        return support_loss(loss_fn, lambda x: model.apply(params, x), split)
 
     def adapt(meta_params, support, key, inner_steps=cfg.inner_steps):
         def step(carry, i):
             params, state = carry
             with randomness.step(i):
-                grads = jax.grad(support_loss)(params, support)
+                grads = jax.grad(inner_loss)(params, support)
             updates, state = inner.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), None
 
@@ -61,7 +71,7 @@ def make(cfg: ReptileConfig, model: Model, loss_fn: LossFn, n_out: int, **_) -> 
     def meta_loss(meta_params, task, key, step=0):
         """A surrogate whose gradient is the Reptile direction (initial - adapted)."""
         adapted = adapt(jax.lax.stop_gradient(meta_params), task.support, key)
-        _, metrics = loss_fn(model.apply(adapted, task.query.x), task.query.y)
+        _, metrics = query_loss(loss_fn, lambda x: model.apply(adapted, x), task)
         direction = jax.tree.map(lambda m, a: m - a, meta_params, adapted)
         return direction_loss(meta_params, direction), metrics
 

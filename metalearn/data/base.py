@@ -225,6 +225,15 @@ class DataConfig:
     kind: ClassVar[str] = "classification"  # or "regression"; what the data's targets are
     multitask: ClassVar[bool] = False  # a fixed set of T tasks with ids (multi-task learning)
     inputs: ClassVar[str] = "images"  # or "vectors": what a model reads (ModelConfig.inputs)
+    # its splits may be padded (types.Split.mask): only learners and models that read the mask
+    # (AlgoConfig.reads_padded, ModelConfig.reads_padded) can train on it
+    padded: ClassVar[bool] = False
+    # the settings that size a task's arrays (named when a run does not fit in memory)
+    size_settings: ClassVar[tuple[str, ...]] = ("k_shot", "k_query")
+    # settings that say where the data is, not what it is (left out of the protocol card,
+    # metalearn/protocol.py), and settings that change training only, not the test tasks
+    locations: ClassVar[tuple[str, ...]] = ()
+    training_only: ClassVar[tuple[str, ...]] = ()
 
     name: str = MISSING
     k_shot: int = 1  # support examples per class (per task for regression and multi-task data)
@@ -241,6 +250,8 @@ class DataConfig:
 @dataclass
 class EpisodicDataConfig(DataConfig):
     """N-way K-shot classification episodes: only these data have a number of classes per task."""
+
+    training_only: ClassVar[tuple[str, ...]] = ("augment", "augment_padding")
 
     n_way: int = 5  # classes per task
     # augmentation of training episodes on the device (metalearn/data/augment.py): none | flip |

@@ -223,6 +223,8 @@ class ImageNetConfig(EpisodicDataConfig):
     name: str = MISSING
     # the folder holding the files (or a subfolder named as the projects name it); None:
     # $METALEARN_DATA or one of its subfolders (e.g. $METALEARN_DATA/mini_imagenet)
+    locations: ClassVar[tuple[str, ...]] = ("root",)
+
     root: str | None = None
     image_size: int = 84  # images are resized to image_size x image_size (stored: 84)
     max_per_class: int | None = None  # keep the first this many images of each class; None: all

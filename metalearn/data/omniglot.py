@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import ClassVar, NamedTuple, NoReturn
 
 import jax.numpy as jnp
 import numpy as np
@@ -601,6 +601,12 @@ def temp_file_beside(dest: Path) -> Iterator[Path]:
 @dataclass
 class OmniglotConfig(EpisodicDataConfig):
     name: str = "omniglot"
+    locations: ClassVar[tuple[str, ...]] = ("root", "download")
+    # meta-train's extra classes and background sets: the test characters stay the same
+    training_only: ClassVar[tuple[str, ...]] = (
+        *EpisodicDataConfig.training_only, "rotations", "background",
+    )  # fmt: skip
+
     root: str | None = None  # folder with images_background.zip and images_evaluation.zip
     split: str = "random"  # random (1100/100/423 characters) | alphabet (background vs evaluation)
     split_seed: int = 0

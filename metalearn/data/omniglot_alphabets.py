@@ -45,6 +45,8 @@ class OmniglotAlphabetsConfig(DataConfig):
     exclude_alphabets: list[str] = field(default_factory=list)
     drawings: tuple[int, int, int] = (14, 2, 4)  # train/val/test drawings of each character
     split_seed: int = 0  # which drawings of a character go to which split
+    locations: ClassVar[tuple[str, ...]] = ("root", "download")
+
     root: str | None = None  # folder with images_background.zip and images_evaluation.zip
     image_size: int = 28
     download: bool = True

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from omegaconf import MISSING
@@ -98,6 +98,8 @@ class TfdsConfig(EpisodicDataConfig):
 
     name: str = MISSING  # the TFDS catalogue name, e.g. cifar100
     source: str = "tfds"  # marks a TFDS dataset in a saved config, whatever its name
+    locations: ClassVar[tuple[str, ...]] = ("data_dir",)
+
     data_dir: str | None = None  # TFDS data folder; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     splits: list[str] = field(default_factory=list)  # TFDS splits pooled; empty: all of them
     classes: str = "seeded"  # seeded | cifar_fs | fc100

@@ -49,9 +49,12 @@ class ModelConfig:
     """Base of every model's schema (a dataclass per option, beside the model's code).
 
     inputs: the kinds of data inputs the model takes ("images" [H, W, C], "vectors" [D]).
+    reads_padded: its batch norms (if any) take their statistics over the real examples of a
+        padded split (norm.examples), so it can train on padded episodes (DataConfig.padded).
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("images", "vectors")
+    reads_padded: ClassVar[bool] = False
     name: str = MISSING
 
 

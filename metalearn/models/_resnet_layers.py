@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from metalearn.models import conv_ops, randomness
+from metalearn.models import conv_ops, norm, randomness
 
 BN_EPS = 1e-5  # PyTorch's BatchNorm2d default, as the reference implementations use
 
@@ -87,10 +87,21 @@ def conv(
     )
 
 
+class BatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm whose batch statistics leave out a padded split's padding (the mask of
+    norm.examples), so a padded episode normalises as the unpadded one does."""
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        real = norm.example_mask(x)
+        if mask is None and real is not None:
+            mask = real.reshape((-1,) + (1,) * (x.ndim - 1))
+        return super().__call__(x, use_running_average, mask=mask)
+
+
 def batch_norm(features: int, momentum: float, rngs: nnx.Rngs) -> nnx.BatchNorm:
     """Batch norm with scale 1 and offset 0; `momentum` in PyTorch's convention (the weight of
     the new batch, 0.1), which is Flax's 1 - momentum."""
-    return nnx.BatchNorm(features, momentum=1.0 - momentum, epsilon=BN_EPS, rngs=rngs)
+    return BatchNorm(features, momentum=1.0 - momentum, epsilon=BN_EPS, rngs=rngs)
 
 
 def max_pool2x2(x: jax.Array) -> jax.Array:

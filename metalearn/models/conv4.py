@@ -24,6 +24,7 @@ POOLS = ("mean", "flatten")
 @dataclass
 class Conv4Config(ModelConfig):
     inputs: ClassVar[tuple[str, ...]] = ("images",)
+    reads_padded: ClassVar[bool] = True
 
     name: str = "conv4"
     hidden: int = 64  # filters per block
@@ -90,8 +91,7 @@ def init(
 
 def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
     """Normalise each channel with the batch's own statistics (transductive, no running stats)."""
-    mean = x.mean(axis=(0, 1, 2))
-    var = jnp.square(x - mean).mean(axis=(0, 1, 2))
+    mean, var = norm.moments(x, (0, 1, 2))
     return (x - mean) * (scale * jax.lax.rsqrt(var + BN_EPS)) + offset
 
 
@@ -106,7 +106,11 @@ def block(
     """conv 3x3 SAME -> batch norm -> ReLU (-> 2x2 max-pool). A block with running statistics
     (norm=inductive) normalises with them at meta-test and tracks the batch's in training."""
     stride = 2 if downsample == "stride" else 1
-    z, mean, var = conv_ops.conv2d_moments(x, p["w"], stride, impl=conv_impl)
+    if norm.example_mask(x) is None:
+        z, mean, var = conv_ops.conv2d_moments(x, p["w"], stride, impl=conv_impl)
+    else:  # a padded split: statistics of its real examples only
+        z = conv_ops.conv2d(x, p["w"], stride, impl=conv_impl)
+        mean, var = norm.moments(z, (0, 1, 2))
     inductive = "running_mean" in p
     batch_mean, batch_var = mean, var
     if inductive and norm.is_testing():

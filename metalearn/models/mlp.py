@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from metalearn.models.groups import label_by_names
 
 @dataclass
 class MLPConfig(ModelConfig):
+    reads_padded: ClassVar[bool] = True  # examples are independent: no batch statistics
     name: str = "mlp"
     hidden: int = 40
     layers: int = 2

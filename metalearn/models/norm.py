@@ -18,6 +18,11 @@ differentiates through an inner loop's statistics: the cotangent ignores the inc
 second-order terms through it are zero. Layers that compute their own moving average (Flax's
 batch norms, model=flax) use `follow`, whose backward gives the cotangent r - (their update).
 
+Padded splits (types.Split.mask: variable-way episodes padded to one shape) must not let their
+padding into the batch statistics: a learner calls the model inside `examples(split.mask)`, and
+the batch norms take `moments` over the real examples only (`example_mask` is the mask of the
+batch at hand, or None when every example is real).
+
 Whether a function is traced for meta-test is a trace-time flag (`testing()`), set by the
 evaluator and the public API inside the functions they compile. jit caches a trace by function,
 not by this flag, so enter it inside the jitted function (never call one jitted function in
@@ -37,6 +42,7 @@ NORMS = ("transductive", "inductive")
 STATE = re.compile(r"(^|\.)running_\w+$")  # running statistics: running_mean, running_var, ...
 
 _testing = contextvars.ContextVar("metalearn_norm_testing", default=False)
+_examples = contextvars.ContextVar("metalearn_norm_examples", default=None)
 
 
 @contextlib.contextmanager
@@ -51,6 +57,48 @@ def testing():
 
 def is_testing() -> bool:
     return _testing.get()
+
+
+@contextlib.contextmanager
+def examples(mask: jax.Array | None):
+    """Within: batch statistics are taken over the examples whose mask (bool [n]) is True; the
+    batches normalised must then have n examples. None: every example is real."""
+    token = _examples.set(mask)
+    try:
+        yield
+    finally:
+        _examples.reset(token)
+
+
+def example_mask(x: jax.Array) -> jax.Array | None:
+    """The mask of the real examples of the batch x [n, ...] being normalised, or None."""
+    mask = _examples.get()
+    if mask is None:
+        return None
+    if mask.shape != x.shape[:1]:
+        raise ValueError(
+            f"A batch norm saw a batch of {x.shape[0]} examples inside norm.examples(mask) with "
+            f"a mask of shape {tuple(mask.shape)}: a model called on a padded split must "
+            "normalise that split's examples as one batch."
+        )
+    return mask
+
+
+def moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance of x over `axes` (which include the batch axis 0), over the real
+    examples only inside `examples(mask)`."""
+    mask = example_mask(x)
+    if mask is None:
+        mean = x.mean(axis=axes)
+        return mean, jnp.square(x - jnp.expand_dims(mean, axes)).mean(axis=axes)
+    w = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    for a in axes:
+        if a > 0:
+            n = n * x.shape[a]
+    mean = jnp.sum(x * w, axis=axes) / n
+    centred = x - jnp.expand_dims(mean, axes)
+    return mean, jnp.sum(jnp.square(centred) * w, axis=axes) / n
 
 
 def is_state(name: str) -> bool:

@@ -38,6 +38,7 @@ MIN_SIZE = 16  # four 2x2 max-pools leave a 1x1 map
 @dataclass
 class ResNet12Config(ModelConfig):
     inputs: ClassVar[tuple[str, ...]] = ("images",)
+    reads_padded: ClassVar[bool] = True  # _resnet_layers.BatchNorm
 
     name: str = "resnet12"
     channels: list[int] = field(default_factory=lambda: list(CHANNELS))  # filters of the 4 blocks

@@ -34,6 +34,7 @@ STEM = 16  # the first conv's filters; the stages have 16k, 32k and 64k
 @dataclass
 class WRNConfig(ModelConfig):
     inputs: ClassVar[tuple[str, ...]] = ("images",)
+    reads_padded: ClassVar[bool] = True  # _resnet_layers.BatchNorm
 
     name: str = "wrn"
     depth: int = 28  # 6n + 4: n residual blocks of 2 convs in each of the 3 stages

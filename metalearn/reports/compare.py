@@ -14,8 +14,18 @@ import sys
 from pathlib import Path
 
 from metalearn.errors import ArgumentParser, fail
+from metalearn.reports.paired import paired_report, protocol_differences
 from metalearn.reports.runs import error_reason, load_run
-from metalearn.reports.table import render_csv, render_markdown, render_text, table
+from metalearn.reports.seeds import merge_seeds
+from metalearn.reports.table import (
+    objective_of,
+    printable,
+    render_csv,
+    render_markdown,
+    render_text,
+    table,
+    table_order,
+)
 from metalearn.rundir import RunDirError, atomic_write_bytes, find_runs
 
 OUTPUTS = {
@@ -86,6 +96,12 @@ def compare_command(argv: list[str]) -> None:
         help="multi-task runs: write negative_transfer.md and .png (each task's gain against "
         "conditioning=separate) to this folder",
     )
+    parser.add_argument(
+        "--each-run",
+        action="store_true",
+        help="one row per run: runs that differ only in seed are otherwise one row (their mean, "
+        "the spread over seeds and each run's CI)",
+    )
     args = parser.parse_args(argv)
     try:
         compare(args)
@@ -105,8 +121,16 @@ def compare(args: argparse.Namespace) -> None:
     runs = [load_run(p) for p in run_paths(args.paths)]
     if not runs:
         fail(f"no runs found below {' '.join(args.paths)}.")
-    header, rows = table(runs)
+    objective = objective_of(runs)
+    header, rows = table(runs if args.each_run else merge_seeds(runs, objective))
     print(render_text(header, rows))
+    notes = protocol_differences(runs)
+    if notes:
+        print("\nThe runs' protocols differ (their numbers may not be comparable):")
+        print("\n".join(printable(line) for line in notes))
+    paired = paired_report(runs, table_order(runs, objective), objective)
+    if paired:
+        print("\n" + "\n".join(printable(line) for line in paired))
     if "csv" in outputs:
         write_table("csv", outputs["csv"], render_csv(header, rows))
     if "md" in outputs:

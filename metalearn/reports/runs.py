@@ -14,6 +14,7 @@ import os
 import stat
 from pathlib import Path
 
+from metalearn.protocol import flatten
 from metalearn.rundir import RunDirError, read_run_yaml
 
 OBJECTIVES = ("accuracy", "loss")
@@ -183,6 +184,11 @@ def _clean_summary(summary: dict, problems: list[str]) -> dict:
         overrides = _strings(summary["overrides"], "summary.json: overrides", problems)
         if overrides is not None:
             clean["overrides"] = overrides
+    if "protocol" in summary:  # kept as dotted keys of plain JSON values (metalearn/protocol.py)
+        if isinstance(summary["protocol"], dict):
+            clean["protocol"] = flatten(summary["protocol"])
+        else:
+            bad("protocol", "an object")
     if "test" in summary:
         test = _clean_test(summary["test"], problems)
         if test is not None:

@@ -72,12 +72,23 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     order = table_order(runs, objective)
     tasks = task_names(runs)
     per_task_header = ["worst task", f"worst {objective}", *tasks] if tasks else []
-    header = ["run", *differing, f"test {objective}", "±ci95", *per_task_header]
+    # classifiers' calibration: the query NLL (their loss) and the expected calibration error
+    calibrated = objective == "accuracy" and any("ece" in (r.get("test") or {}) for r in runs)
+    calibration = ["test nll", "test ece"] if calibrated else []
+    seeded = any("seeds" in r for r in runs)  # rows of several seeds (reports/seeds.py)
+    spread = ["sd over seeds"] if seeded else []
+    header = ["run", *differing, f"test {objective}", "±ci95", *spread, *calibration]
+    header += per_task_header
     header += ["steps", "train s", "status"]
     scale = 100.0 if objective == "accuracy" else 1.0
 
     def fmt(value):
         return "" if value is None else f"{value * scale:.4g}"
+
+    def ci_cell(run, test):
+        if "seeds" in run:  # each seed's own CI
+            return "/".join("" if c is None else f"{c * scale:.2g}" for c in run["seeds"]["ci95"])
+        return f"{test.get(objective + '_ci95', 0) * scale:.2g}"
 
     rows = []
     for i in order:
@@ -93,7 +104,13 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
                 Path(run["path"]).name,
                 *(maps[i].get(k, "") for k in differing),
                 fmt(value),
-                "" if value is None else f"{test.get(objective + '_ci95', 0) * scale:.2g}",
+                "" if value is None else ci_cell(run, test),
+                *(
+                    [f"{run['seeds']['sd'] * scale:.2g}" if "seeds" in run else ""]
+                    if seeded
+                    else []
+                ),
+                *([_cell(test.get("loss")), _cell(test.get("ece"))] if calibrated else []),
                 *per_task,
                 str(run.get("steps", "")),
                 str(run.get("train_time_s", "")),
@@ -101,6 +118,10 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, rows
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.3g}"
 
 
 def printable(text) -> str:
