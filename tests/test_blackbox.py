@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from functools import partial
 
 import jax
@@ -11,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import metalearn
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import classification_loss
@@ -212,33 +210,3 @@ def test_every_core_learns_to_classify_from_the_support_set(core):
     # Relabel the support set: the predicted classes follow the new labels.
     follows, original = query_accuracy(tasks, 1)
     assert follows > 0.8 and original < 0.2, (follows, original)
-
-
-@pytest.mark.slow
-def test_cli_trains_snail_on_sinusoids(tmp_path):
-    run = tmp_path / "run"
-    metalearn(
-        [
-            "train",
-            "algo=blackbox",
-            "algo.core=snail",
-            "algo.hidden=16",
-            "algo.layers=1",
-            "data=sinusoid",
-            "train.steps=6",
-            "train.meta_batch=4",
-            "train.log_every=3",
-            "eval.every=3",
-            "eval.num_tasks=5",  # as many as val_tasks: one compiled evaluator
-            "eval.val_tasks=5",
-            "eval.batch=5",
-            "progress=false",
-            f"hydra.run.dir={run}",
-        ],
-        env=None,
-        cwd=tmp_path,
-        check=True,
-    )
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["algo"] == "blackbox" and summary["status"] == "completed"
-    assert summary["test"]["num_tasks"] == 5 and np.isfinite(summary["test"]["loss"])

@@ -138,13 +138,14 @@ def test_omniglot_multirun_compare_and_eval(tmp_path, env, omniglot_root):
         assert len(accuracy) == summary["test"]["num_tasks"]
         assert sum(accuracy) / len(accuracy) == pytest.approx(summary["test"]["accuracy"])
     assert summaries[0]["protocol"] == summaries[1]["protocol"]  # same data, model, budget
+    assert all(0 <= s["test"]["ece"] <= 1 for s in summaries)  # calibration of the test tasks
 
     result = metalearn(["compare", str(sweep), "--csv", str(csv_path)], env, tmp_path)
     lines = result.stdout.strip().split("\n\n")[0].splitlines()
     assert len(lines) == 3 and "algo" in lines[0] and "test accuracy" in lines[0]
     # one algorithm against the other on the same test tasks, and no protocol difference
     assert "Paired test against" in result.stdout and "protocols differ" not in result.stdout
-    assert re.search(r"(maml|protonet): [+-][\d.e+-]+ ± [\d.e+-]+ points", result.stdout)
+    assert re.search(r"_(maml|protonet)_omniglot: [+-][\d.e+-]+ ± [\d.e+-]+ points", result.stdout)
     assert {"maml", "protonet"} <= set(result.stdout.split())
     accuracies = [float(line.split()[2]) for line in lines[1:]]
     assert accuracies == sorted(accuracies, reverse=True), "sorted by the test metric"

@@ -283,8 +283,12 @@ def test_outputs_equal_the_built_in_model_with_its_weights(case):
     close(jax.jit(model.apply)(params, x), jax.jit(ref.apply)(ref_params, x), OUT_RTOL, OUT_ATOL)
 
 
-@pytest.mark.parametrize("inner_steps", [1, pytest.param(2, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("case", SLOW_CONV)
+@pytest.mark.parametrize(
+    "case, inner_steps",
+    # the MLPs through 1 step (fast tier) and 2; the conv modules through 2, which covers one
+    [(c, 1) for c in CASES if c not in CONV_CASES]
+    + [pytest.param(c, 2, marks=pytest.mark.slow) for c in CASES],
+)
 def test_maml_meta_gradient_equals_the_built_in_models(case, inner_steps):
     """Second-order MAML: the meta-gradient leaf by leaf, through `inner_steps` SGD steps."""
     task, loss_fn, n_out = task_for(case, jax.random.PRNGKey(5))

@@ -46,8 +46,9 @@ def losses(run_dir):
 def test_two_processes_match_one(tmp_path):
     base = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     base.pop("XLA_FLAGS", None)
+    o0 = "--xla_backend_optimization_level=0"  # the suite's faster compiles (conftest.py)
     single = train(
-        tmp_path / "single", {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        tmp_path / "single", {**base, "XLA_FLAGS": f"{o0} --xla_force_host_platform_device_count=4"}
     )
     port = free_port()
     procs = [
@@ -55,7 +56,7 @@ def test_two_processes_match_one(tmp_path):
             tmp_path / "multi",
             {
                 **base,
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "XLA_FLAGS": f"{o0} --xla_force_host_platform_device_count=2",
                 "METALEARN_COORDINATOR": f"127.0.0.1:{port}",
                 "METALEARN_NUM_PROCESSES": "2",
                 "METALEARN_PROCESS_ID": str(i),

@@ -118,13 +118,20 @@ def test_expected_calibration_error_by_hand():
     conf, correct = p.max(1), (p.argmax(1) == labels).astype(float)
     bins = np.minimum((conf * 15).astype(int), 14)
     want = sum(abs(correct[bins == b].sum() - conf[bins == b].sum()) for b in range(15)) / 40
-    _, metrics = classification_loss(jnp.asarray(logits), jnp.asarray(labels))
+    from metalearn.models import norm
+
+    with norm.testing():  # calibration is a meta-test metric
+        _, metrics = classification_loss(jnp.asarray(logits), jnp.asarray(labels))
+        _, m = classification_loss(jnp.asarray(logits)[:-1], jnp.asarray(labels)[:-1])
+        assert "ece" in m
+    assert "ece" not in classification_loss(jnp.asarray(logits), jnp.asarray(labels))[1]
     np.testing.assert_allclose(metrics["ece"], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["loss"], -np.log(p[np.arange(40), labels]).mean(), rtol=1e-5)
     # a padded slot changes nothing
     mask = jnp.asarray(np.arange(41) < 40)
     padded = jnp.concatenate([jnp.asarray(logits), jnp.full((1, 5), 9.0)])
-    _, m = classification_loss(padded, jnp.asarray(np.append(labels, -1)), mask)
+    with norm.testing():
+        _, m = classification_loss(padded, jnp.asarray(np.append(labels, -1)), mask)
     np.testing.assert_allclose(m["ece"], want, rtol=1e-5, atol=1e-6)
 
 

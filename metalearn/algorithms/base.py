@@ -129,18 +129,20 @@ def task_gradient(algo: Algorithm, params: Params, task, key, step=0) -> tuple[P
 def classification_loss(
     logits: jax.Array, labels: jax.Array, mask=None, classes=None
 ) -> tuple[jax.Array, Metrics]:
-    """Cross-entropy (the negative log-likelihood), accuracy and expected calibration error over
-    the real examples (mask), among the classes the episode has (classes: a head of
-    data.max_way outputs scores episodes of fewer ways)."""
+    """Cross-entropy (the negative log-likelihood) and accuracy over the real examples (mask),
+    among the classes the episode has (classes: a head of data.max_way outputs scores episodes
+    of fewer ways); at meta-test (validation and test) also the expected calibration error."""
     if classes is not None:
         logits = jnp.where(classes, logits, -1e9)  # not -inf: 0 * inf would be NaN
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
     loss = masked_mean(ce, mask)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     accuracy = masked_mean(correct, mask)
-    confidence = jax.lax.stop_gradient(jnp.max(jax.nn.softmax(logits, -1), -1))
-    ece = calibration_error(confidence, jax.lax.stop_gradient(correct), mask)
-    return loss, {"loss": loss, "accuracy": accuracy, "ece": ece}
+    metrics = {"loss": loss, "accuracy": accuracy}
+    if norm.is_testing():  # the evaluator's trace: not in every training step
+        confidence = jax.lax.stop_gradient(jnp.max(jax.nn.softmax(logits, -1), -1))
+        metrics["ece"] = calibration_error(confidence, jax.lax.stop_gradient(correct), mask)
+    return loss, metrics
 
 
 ECE_BINS = 15  # equal-width confidence bins, as Guo et al. 2017
