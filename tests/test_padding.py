@@ -52,6 +52,7 @@ LEARNERS = {
     "cavia": {"context_dim": 4},
     "protonet": {},
     "r2d2": {},
+    "metaoptnet": {"qp_steps": 300},
     "amortized": {"context_dim": 8, "encoder_hidden": 16},
 }
 FAST = ("maml", "protonet")

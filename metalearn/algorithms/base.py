@@ -102,6 +102,25 @@ def adam(train_cfg) -> optax.GradientTransformation:
     return optax.adam(train_cfg.outer_lr)
 
 
+OUTER_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_adam(schedule: str, min_lr: float) -> Callable:
+    """Adam whose rate follows `schedule` over train.steps: constant, or cosine-annealed from
+    train.outer_lr to min_lr (MAML++). The schedule counts updates (the optimizer state), so a
+    resumed run continues it; a run stopped early by train.max_minutes ends before its end."""
+
+    def optimizer(train_cfg) -> optax.GradientTransformation:
+        if schedule == "constant":
+            return adam(train_cfg)
+        lr = optax.cosine_decay_schedule(
+            train_cfg.outer_lr, train_cfg.steps, alpha=min(min_lr / train_cfg.outer_lr, 1.0)
+        )
+        return optax.adam(lr)
+
+    return optimizer
+
+
 def mean_task_loss(meta_loss: Callable) -> Objective:
     """The objective of most learners: the mean over the batch of each task's meta_loss."""
 
@@ -228,6 +247,7 @@ def sgd_adapt(
     first_order=False,
     remat: bool = False,
     trajectory: bool = False,
+    indexed: bool = False,
 ):
     """`steps` gradient steps on the support loss, unrolled with lax.scan.
 
@@ -241,7 +261,8 @@ def sgd_adapt(
     backward pass keeps ~2 sqrt(steps) copies of the parameters instead of every step's
     activations and parameters. With trajectory the parameters after every step are returned
     too, stacked on a leading axis (which stores every step, so remat then checkpoints single
-    steps only).
+    steps only). With indexed the loss is called as loss(params, support, i) at step i (traced),
+    for a model that changes with the step (MAML++'s per-step batch-norm weights).
     """
     if callable(lr):
         lr_at = lr
@@ -254,7 +275,7 @@ def sgd_adapt(
 
     def step(p, i):
         with randomness.step(i):  # each inner step its own dropout masks
-            g = jax.grad(loss)(p, support)
+            g = jax.grad(loss)(p, support, *((i,) if indexed else ()))
         if isinstance(first_order, bool):
             g = jax.lax.stop_gradient(g) if first_order else g
         else:

@@ -101,6 +101,15 @@ def moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.sum(jnp.square(centred) * w, axis=axes) / n
 
 
+# a normalisation layer's own weights: conv4's scale / offset, Flax's <...bn|norm...>.scale|bias
+AFFINE = re.compile(r"(^|\.)(scale|offset)$|(bn|norm)[^.]*\.(scale|bias)$", re.IGNORECASE)
+
+
+def is_affine(name: str) -> bool:
+    """Whether a dotted parameter name is a normalisation layer's scale or offset."""
+    return AFFINE.search(name) is not None
+
+
 def is_state(name: str) -> bool:
     """Whether a dotted parameter name is a running statistic."""
     return STATE.search(name) is not None
