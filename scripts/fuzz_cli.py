@@ -1584,6 +1584,113 @@ add(
     setup=broken_zips("none"),
 )
 
+# Received dataset files that must not be trusted (docs/RELIABILITY.md, "What each reader
+# trusts"): a pickle whose payload runs a shell command, and a cache whose content was replaced.
+
+
+class _Shell:
+    """Pickles as os.system(command): a hostile dataset file's payload."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+MINI = [  # tiny learn2learn-format miniImageNet pickles: 4 classes of 3 images per split
+    "data=mini_imagenet",
+    "data.root={data}",
+    "data.n_way=2",
+    "data.k_shot=1",
+    "data.k_query=1",
+    "data.image_size=16",
+    "model.hidden=8",
+    "train.steps=4",
+    "train.meta_batch=2",
+    "eval.every=2",
+    "eval.num_tasks=4",
+    "eval.val_tasks=2",
+    "eval.batch=2",
+    "progress=false",
+]
+
+
+def _mini_pickles(c: CaseCtx) -> None:
+    """learn2learn's three pickles; the validation one's class_dict is an os.system payload."""
+    import pickle
+
+    root = c.dir / "mini_imagenet"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation", "test"):
+        classes = {f"n0{split[:2]}{k}": [3 * k, 3 * k + 1, 3 * k + 2] for k in range(4)}
+        record = {
+            "image_data": rng.integers(0, 256, (12, 10, 10, 3), dtype=np.uint8),
+            "class_dict": _Shell(f"touch '{c.dir}/pwned'") if split == "validation" else classes,
+        }
+        (root / f"mini-imagenet-cache-{split}.pkl").write_bytes(pickle.dumps(record, protocol=4))
+    c.vars["data"] = str(root)
+
+
+def _refused_unrun(c: CaseCtx, p: Proc) -> None:
+    if (c.dir / "pwned").exists():
+        c.failures.append("the pickle's payload ran a shell command")
+    line = error_line(p.stderr, p.stdout)
+    if "mini-imagenet-cache-validation.pkl" not in line or "posix.system" not in line:
+        c.failures.append("the error does not name the file and the call it refused")
+    after = p.stderr[p.stderr.find("metalearn: error:") :].strip().splitlines()
+    if len(after) > 1:
+        c.failures.append(f"the error is {len(after)} lines, not one paragraph")
+
+
+add(
+    "dataset_trust",
+    "mini-imagenet-pickle-runs-shell",
+    ["train", "algo=protonet", *MINI, "hydra.run.dir={case}/run"],
+    "error",
+    setup=_mini_pickles,
+    check=_refused_unrun,
+    cmd="train algo=protonet data=mini_imagenet <tiny> (a pickle whose payload is os.system)",
+)
+
+
+@scenario(
+    "dataset_trust",
+    "omni-cache-zeroed",
+    "train <TINY>; zero the cache's images (same names, shapes, checksum array); train again",
+    "ok",
+)
+def _zeroed_cache(c: CaseCtx):
+    env = {**c.h.env, "XDG_CACHE_HOME": str(c.dir / "xdg")}  # not the shared cache
+    c.vars["data"] = str(c.h.tiny_zips())
+    argv = ["train", "algo=protonet", "@tiny", "data.root={data}"]
+    first = c.ml([*argv, "hydra.run.dir={case}/first"], env=env)
+    cached = sorted((c.dir / "xdg").rglob("omniglot-*.npz"))
+    if first.rc != 0 or len(cached) != 1:
+        c.failures.append(f"the first run failed or cached {len(cached)} files")
+        return first
+    original = cached[0].read_bytes()
+    rewrite_npz(cached[0], lambda a: {**a, "images": np.zeros_like(a["images"])})
+    second = c.ml([*argv, "hydra.run.dir={case}/second"], env=env)
+    said = second.stdout + second.stderr + read_text(c.dir / "second" / "train.log")
+    if "does not match its checksum" not in said:
+        c.failures.append("the zeroed cache was not reported as rebuilt")
+    if cached[0].read_bytes() != original:
+        c.failures.append("the cache was not rebuilt to its original content")
+    tests = [(read_json(c.dir / r / "summary.json") or {}).get("test") for r in ("first", "second")]
+    if second.rc == 0 and (tests[0] is None or tests[0] != tests[1]):
+        c.failures.append(f"the test metrics differ from the first run's: {tests}")
+    return second
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 # eval and compare with bad arguments (on the reference runs: a refusal writes nothing).
 for slug, argv, expect in [
     ("split-nope", ["eval", "{ref_sine}", "--split", "nope"], "error"),

@@ -24,7 +24,6 @@ import hashlib
 import io
 import logging
 import os
-import pickle
 import time
 import zipfile
 import zlib
@@ -38,6 +37,7 @@ from omegaconf import MISSING
 from PIL import Image
 
 from metalearn.checks import MAX_EXAMPLES, at_most, choice, require
+from metalearn.data import safe_pickle
 from metalearn.data.base import (
     SPLITS,
     DataError,
@@ -193,8 +193,9 @@ def check_episodes(
     if n < n_way:
         raise DataError(
             f"{keys}.n_way={n_way} is more classes than the meta-{split} split of {title} holds "
-            f"({n} classes). Use {keys}.n_way <= {n}, or a copy of {title} with more classes "
-            f"in meta-{split}."
+            f"({n} classes). Use {keys}.n_way <= {n}; if the published meta-{split} split has "
+            f"more classes, the copy of {title} read is incomplete: replace its files with a "
+            "full copy."
         )
     need = k_shot + k_query
     short = [(data.classes[i], int(c)) for i, c in enumerate(counts) if c < need]
@@ -206,7 +207,12 @@ def check_episodes(
             f"have fewer ({listed}; the fewest is {int(counts.min())}). Lower {keys}.k_shot or "
             f"{keys}.k_query"
             + (f", or raise data.max_per_class={max_per_class}" if max_per_class else "")
-            + "."
+            + (
+                f". The published files hold hundreds of images per class, so the copy of "
+                f"{title} read is likely incomplete: replace its files with a full copy."
+                if not max_per_class
+                else "."
+            )
         )
 
 
@@ -510,12 +516,21 @@ def _cache_problem(a: dict[str, np.ndarray], size: int, max_per_class: int | Non
 
 def load_pickle(path: Path, what: str) -> Any:
     """A pickle file's object; Python 2 pickles (str and numpy arrays) load with latin1, as
-    numpy recommends. A pickle runs code as it loads: read only files from a source you trust."""
+    numpy recommends. These files come from third-party mirrors, and pickle.load runs whatever
+    callable a file names, so they are read with data/safe_pickle.py, which admits only numpy
+    arrays and dtypes and plain Python values: a file naming anything else is refused unrun."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return safe_pickle.load(f, encoding="latin1")
     except MemoryError:
         raise
+    except safe_pickle.Refused as e:
+        raise DataError(
+            f"{path} was not loaded as {what}: it is a pickle that calls {e.name}, which no "
+            "file of this dataset holds (they hold only numpy arrays, lists, dicts, strings "
+            "and numbers), so loading it would run code of the file's choosing; it was refused "
+            "before that call. Delete it, and get the dataset from a source you trust."
+        ) from e
     except Exception as e:  # what a damaged or foreign file makes the unpickler raise
         raise DataError(
             f"{path} does not load as {what} ({type(e).__name__}: {e}): it is damaged or another "

@@ -30,6 +30,10 @@ class in the order of the file. A file holds whichever classes it was built with
 code, for one, builds its -val.pkl from test.csv and its -test.pkl from val.csv, so a copy made
 by it has 20 validation classes and 16 test ones (a warning says when a split does not have the
 published number of classes).
+
+The pickles (forms 2 and 3) are read by imagenet_files.load_pickle with a restricted unpickler
+(data/safe_pickle.py): one that names anything but numpy arrays and plain values is refused
+before it can run code.
 """
 
 from __future__ import annotations
@@ -74,7 +78,14 @@ def _csv_rows(path: Path) -> list[tuple[str, str]]:
                 f"{path}, line {line}: a row is filename,label (e.g. "
                 f"n0153282900000005.jpg,n01532829), but it is {','.join(row)!r}."
             )
-        rows.append((row[0].strip(), row[1].strip()))
+        name = row[0].strip()
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # a received file's paths
+            raise DataError(
+                f"{path}, line {line}: the image {name!r} is outside the images/ folder beside "
+                "it; a split file names images by their file name in images/ (e.g. "
+                "n0153282900000005.jpg)."
+            )
+        rows.append((name, row[1].strip()))
     if not rows:
         raise DataError(f"The split file {path} names no images (it has only its header).")
     return rows

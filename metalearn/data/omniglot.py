@@ -178,9 +178,17 @@ def split_classes(
         if len(sizes) != 3 or min(sizes) < 0 or sum(sizes) != n:
             train, val = round(n * 1100 / 1623), round(n * 100 / 1623)  # MAML's proportions
             raise DataError(
-                f"split sizes={sizes} (train, val, test) add up to {sum(sizes)}, but the "
-                f"dataset has {n} characters: pass three non-negative sizes that add up to {n}, "
-                f"e.g. sizes=({train}, {val}, {n - train - val})."
+                f"data.split_sizes={list(sizes)} (train, val, test characters) add up to "
+                f"{sum(sizes)}, but the dataset has {n} characters"
+                + (
+                    f" of Omniglot's {sum(FULL_RELEASE.values())}, so the copy read is likely "
+                    "incomplete (alphabets or characters missing from images_background / "
+                    "images_evaluation): replace it with the full release, or"
+                    if n < sum(FULL_RELEASE.values())
+                    else ":"
+                )
+                + f" give three non-negative sizes that add up to {n}, e.g. "
+                f"data.split_sizes=[{train},{val},{n - train - val}]."
             )
         order = np.random.default_rng(seed).permutation(n)
         cuts = np.cumsum(sizes)[:2]
@@ -190,8 +198,14 @@ def split_classes(
         n_bg = len(background_alphabets)
         if not 0 <= val_alphabets < n_bg:
             raise DataError(
-                f"val_alphabets={val_alphabets} cannot be held out of the {n_bg} background "
-                f"alphabets: use a number from 0 to {n_bg - 1} (the default is 5 of 30)."
+                f"data.val_alphabets={val_alphabets} cannot be held out of the {n_bg} background "
+                f"alphabets: use a number from 0 to {n_bg - 1} (the default is 5 of 30)"
+                + (
+                    "; the release has 30, so the copy of images_background read is likely "
+                    "incomplete: replace it with the full release."
+                    if n_bg < 30
+                    else "."
+                )
             )
         if background == "full":
             train_alphabets = background_alphabets[: n_bg - val_alphabets]
@@ -537,6 +551,27 @@ def identical(found: np.ndarray, expected: np.ndarray) -> bool:
     )
 
 
+# The extra array of every cache file: the sha256 of its other arrays' names, dtypes, shapes and
+# bytes, written with them and checked on every load, so that a file rewritten with arrays of the
+# right names and shapes but other content (say, all zeros) is rebuilt rather than trained on.
+# It guards against content that is wrong by accident (a tool, a test, another program's file),
+# not against someone who can write the cache folder and recompute it. sha256, not blake2b: with
+# the SHA extensions of current CPUs it is the faster (measured: 1.7 against 0.9 GB/s). On the
+# full Omniglot release it adds 13 ms to a load from the cache at 28px (25 MB of images; the
+# whole load_omniglot takes 0.17 s) and 0.21 s at 105px (358 MB; 0.53 s in all).
+CHECKSUM = "_sha256"
+
+
+def content_checksum(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The CHECKSUM array of `arrays` (a 0-d str array of the hex digest)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name} {a.dtype.str} {a.shape}\n".encode())
+        h.update(a)
+    return np.array(h.hexdigest())
+
+
 def read_cache_file(
     path: Path,
     names: Sequence[str],
@@ -546,7 +581,8 @@ def read_cache_file(
     """The arrays `names` of a cache file metalearn wrote, or None when it must be (re)built.
 
     `problem(arrays)` says why they do not fit what the source data holds (or None). A file
-    that fails to load or fails that check is never trusted: it is logged as rebuilt, and the
+    that fails to load, fails that check or whose content does not match its CHECKSUM (or has
+    none: written by an older metalearn) is never trusted: it is logged as rebuilt, and the
     caller rebuilds it from `source` and writes it over the bad one. np.load's errors of a
     damaged file are of many kinds (EOFError, ValueError, BadZipFile, OSError, ...), so any
     exception counts; the zip CRC of each array, checked as it is read, catches flipped bytes.
@@ -555,8 +591,14 @@ def read_cache_file(
         # Our own file object: np.load leaks the one it opens when the zip directory is bad.
         with open(path, "rb") as file, np.load(file, allow_pickle=False) as f:
             missing = [n for n in names if n not in f.files]
-            arrays = {n: f[n] for n in names if n in f.files}
+            stored = {n: f[n] for n in f.files}
+        checksum = stored.pop(CHECKSUM, None)
+        arrays = {n: stored[n] for n in names if n in stored}
         why = f"it lacks the array {missing[0]!r}" if missing else problem(arrays)
+        if why is None and checksum is None:
+            why = "it holds no checksum of its content (an older metalearn wrote it)"
+        elif why is None and not identical(checksum, content_checksum(stored)):
+            why = "its content does not match its checksum (it was changed after being written)"
     except FileNotFoundError:
         return None  # not built yet
     except Exception as e:
@@ -568,12 +610,14 @@ def read_cache_file(
 
 
 def write_cache_file(path: Path, arrays: dict[str, np.ndarray], what: str) -> None:
-    """Write the arrays to `path` atomically, so readers never see a partial file."""
+    """Write the arrays and their CHECKSUM to `path` atomically, so readers never see a
+    partial file."""
+    checksum = content_checksum(arrays)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with temp_file_beside(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **arrays, **{CHECKSUM: checksum})
             os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
             os.replace(tmp, path)
     except OSError as e:

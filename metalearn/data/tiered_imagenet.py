@@ -13,7 +13,9 @@ resizing, episodes):
    returns them, or bytes), with `train_labels.pkl`, `val_labels.pkl`, `test_labels.pkl`, each a
    dict with "label_specific" (int [N], the class of each image: 0..C-1 within the split),
    "label_specific_str" (the C class names), "label_general" and "label_general_str" (the
-   categories, not used). Both are pickled by Python 2 and read with encoding latin1.
+   categories, not used). Both are pickled by Python 2 and read with encoding latin1, by a
+   restricted unpickler (data/safe_pickle.py) that refuses a file naming anything but numpy
+   arrays and plain values before it can run code.
 2. npz: `train_images.npz`, `val_images.npz`, `test_images.npz` (key "images", uint8 [N, 84, 84,
    3]) with the same `{split}_labels.pkl` beside them: what the release's own
    fewshot/data/compress_tiered_imagenet.py `decompress` writes from the PNGs and what
