@@ -11,6 +11,7 @@ other readers rely on: PIL's decompression-bomb limit is in force for every imag
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -401,3 +402,90 @@ def test_compare_imports_no_module_a_run_names(tmp_path, monkeypatch, capsys):
     assert flax_module.load_class("trust_probe_mod:Net").__name__ == "Net"
     assert marker.exists()
     monkeypatch.delitem(sys.modules, "trust_probe_mod")
+
+
+# ---------------------------------------------------------------------------------------------
+# data=tfds: a prepared folder's features.json names Python classes TFDS would import
+
+
+_IMAGE = "tensorflow_datasets.core.features.image_feature.Image"
+
+
+def _probe_module(tmp_path, monkeypatch) -> Path:
+    """An importable module trust_probe_tfds that creates a marker file when imported."""
+    marker = tmp_path / "imported"
+    (tmp_path / "trust_probe_tfds.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "trust_probe_tfds", raising=False)
+    return marker
+
+
+def _hostile_tfds(tmp_path) -> tuple[Path, Path]:
+    """A prepared tiny_shapes folder whose image feature names trust_probe_tfds.Image."""
+    pytest.importorskip("tensorflow_datasets")
+    from test_tfds import build, tiny_shapes_builder
+
+    data_dir = build(tiny_shapes_builder(), tmp_path / "tfds")
+    features = data_dir / "tiny_shapes" / "1.0.0" / "features.json"
+    spec = json.loads(features.read_text())
+    spec["featuresDict"]["features"]["image"]["pythonClassName"] = "trust_probe_tfds.Image"
+    features.write_text(json.dumps(spec))
+    return data_dir, features
+
+
+def test_a_tfds_features_json_naming_another_module_is_refused_unimported(tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    import tensorflow_datasets as tfds
+
+    from metalearn.data import tfds as tfds_data
+
+    marker = _probe_module(tmp_path, monkeypatch)
+    data_dir, features = _hostile_tfds(tmp_path)
+    with pytest.raises(ValueError):  # the hole is real: TFDS itself imports the module
+        tfds.builder("tiny_shapes", data_dir=str(data_dir))
+    assert marker.exists()
+    marker.unlink()
+    monkeypatch.delitem(sys.modules, "trust_probe_tfds")
+
+    load = lambda: tfds_data.load_tfds("tiny_shapes", data_dir=data_dir, cache_dir=tmp_path / "c")  # noqa: E731
+    with pytest.raises(DataError) as caught:
+        load()
+    _one_paragraph(caught.value, str(features), "'trust_probe_tfds.Image'",
+                   "tensorflow_datasets.core.features.")  # fmt: skip
+    assert not marker.exists() and "trust_probe_tfds" not in sys.modules
+    assert not (tmp_path / "c").exists()
+
+    # The backstop, for a name in a file the check did not read: TFDS resolves no other class.
+    monkeypatch.setattr(tfds_data, "check_feature_classes", lambda *a: None)
+    with pytest.raises(DataError) as caught:
+        load()
+    _one_paragraph(caught.value, "tiny_shapes", "'trust_probe_tfds.Image'", "refuses")
+    assert not marker.exists() and "trust_probe_tfds" not in sys.modules
+    cls_from_name = tfds.features.FeatureConnector.cls_from_name  # restored after the load
+    assert cls_from_name(_IMAGE).__name__ == "Image"
+
+
+@pytest.mark.parametrize(
+    "file, content",
+    [
+        ("features.json", {"pythonClassName": _IMAGE, "x": {"python_class_name": "os.path"}}),
+        ("features.json", {"type": _IMAGE, "content": {"a": {"type": "os.Foo", "content": {}}}}),
+        ("features.json", {"jsonFeature": {"json": json.dumps({"pythonClassName": "os.Foo"})}}),
+        ("features.json", {"pythonClassName": "tensorflow_datasets.core.features..os"}),
+        ("features.json", {"pythonClassName": "tensorflow_datasets.core.featuresX.Image"}),
+        ("dataset_info.json", {"name": "x", "features": {"pythonClassName": "trust_probe_tfds.A"}}),
+    ],
+    ids=["snake_case", "legacy_type_content", "json_in_a_string", "dots", "lookalike", "info"],
+)
+def test_every_place_a_tfds_file_can_name_a_class_is_checked(tmp_path, file, content):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from metalearn.data.tfds import check_feature_classes
+
+    folder = tmp_path / "tiny_shapes" / "cfg" / "1.0.0"  # a config and a version folder deep
+    folder.mkdir(parents=True)
+    (folder / file).write_text(json.dumps(content))
+    with pytest.raises(DataError) as caught:
+        check_feature_classes(tfds, "tiny_shapes", tmp_path)
+    _one_paragraph(caught.value, str(folder / file), "refuses")
+    (folder / file).write_text(json.dumps({"pythonClassName": _IMAGE, "type": "not a class"}))
+    check_feature_classes(tfds, "tiny_shapes", tmp_path)  # TFDS's own types (and no "content")

@@ -13,13 +13,16 @@ that fails to load, or whose arrays do not fit what the metadata and settings al
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -206,7 +209,10 @@ def load_tfds(
     not read whole). `superclass_key` names a ClassLabel feature read as each class's group.
     """
     tfds = import_tfds()
-    builder = _prepared_builder(tfds, name, data_dir)
+    check_feature_classes(tfds, name, data_dir)
+    with _builtin_features_only(tfds, name):
+        builder = _prepared_builder(tfds, name, data_dir)
+        _ = builder.info.features  # built here, under the guard, if TFDS builds them lazily
     splits = _check_splits(builder, name, splits)
     _check_features(tfds, builder, name, image_key, label_key, superclass_key)
     settings = (
@@ -410,6 +416,100 @@ def check_episodes(cfg: TfdsConfig, split: str, counts: np.ndarray, names: list[
 
 
 # ---------------------------------------------------------------------------------------------
+# Feature class names: a prepared folder must not make TFDS import a module of its choosing
+
+# A folder's features.json (and the `features` of dataset_info.json) name each feature's Python
+# class; TFDS imports the module of a name it has not registered (FeatureConnector.cls_from_name),
+# running that module's code. Only TFDS's own feature types are admitted.
+FEATURES_PREFIX = "tensorflow_datasets.core.features."
+_CLASS_NAME = re.compile(re.escape(FEATURES_PREFIX) + r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+_CLASS_KEYS = ("pythonClassName", "python_class_name")  # protobuf's JSON takes either spelling
+_METADATA_FILES = ("features.json", "dataset_info.json")
+
+
+def _allowed_class(class_name: Any) -> bool:
+    return isinstance(class_name, str) and _CLASS_NAME.fullmatch(class_name) is not None
+
+
+def _refusal(where: str, class_name: Any) -> DataError:
+    return DataError(
+        f"{where} names the feature class {class_name!r}, which metalearn refuses: TFDS would "
+        "import the module it names, running that module's code. Only TFDS's own feature "
+        f"types ({FEATURES_PREFIX}..., e.g. {FEATURES_PREFIX}image_feature.Image) are "
+        "allowed; prepare the dataset yourself (tfds build) or take it from a source you trust."
+    )
+
+
+def _class_names(value: Any) -> Iterator[Any]:
+    """Every feature class name in a parsed metadata file, wherever TFDS could read one: the
+    proto form's pythonClassName, the legacy form's {"type": ..., "content": ...}, and inside
+    JSON text held in a string (a JsonFeature's "json", legacy content given as text)."""
+    if isinstance(value, dict):
+        for key in _CLASS_KEYS:
+            if key in value:
+                yield value[key]
+        if "type" in value and "content" in value:
+            yield value["type"]
+        for item in value.values():
+            yield from _class_names(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _class_names(item)
+    elif isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        try:
+            inner = json.loads(value)
+        except ValueError:
+            return
+        yield from _class_names(inner)
+
+
+def check_feature_classes(tfds: Any, name: str, data_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse, before TFDS reads them, metadata files naming a class outside TFDS's features.
+
+    Every features.json and dataset_info.json of the dataset's folder in each data folder TFDS
+    searches is read: the dataset folder itself, its config and version folders (TFDS picks one
+    of these by config and version). A file that is not JSON is left to TFDS to report.
+    """
+    try:
+        parsed, _ = tfds.core.naming.parse_builder_name_kwargs(name)
+        base = parsed.name
+    except Exception:  # a malformed name: TFDS refuses it before reading any folder
+        return
+    given = None if data_dir is None else os.fspath(data_dir)
+    for root in tfds.core.utils.file_utils.list_data_dirs(given_data_dir=given):
+        folder = Path(os.fspath(root)).expanduser() / base
+        for depth in ("", "*/", "*/*/"):
+            for file in _METADATA_FILES:
+                for path in sorted(folder.glob(depth + file)):
+                    try:
+                        content = json.loads(path.read_text())
+                    except (OSError, ValueError):
+                        continue
+                    for class_name in _class_names(content):
+                        if not _allowed_class(class_name):
+                            raise _refusal(str(path), class_name)
+
+
+@contextlib.contextmanager
+def _builtin_features_only(tfds: Any, name: str) -> Iterator[None]:
+    """While TFDS builds the dataset's features, it resolves only TFDS's own feature classes:
+    the backstop for a name in a file check_feature_classes did not read."""
+    connector = tfds.features.FeatureConnector
+    original = connector.__dict__["cls_from_name"]
+
+    def guarded(cls, python_class_name):
+        if not _allowed_class(python_class_name):
+            raise _refusal(f"The TFDS dataset {name}", python_class_name)
+        return original.__func__(cls, python_class_name)
+
+    connector.cls_from_name = classmethod(guarded)
+    try:
+        yield
+    finally:
+        connector.cls_from_name = original
+
+
+# ---------------------------------------------------------------------------------------------
 # Finding the prepared dataset
 
 
@@ -425,6 +525,8 @@ def _prepared_builder(tfds: Any, name: str, data_dir: str | os.PathLike[str] | N
             "https://www.tensorflow.org/datasets/catalog (e.g. cifar100, caltech_birds2011, "
             "oxford_flowers102, dtd, quickdraw_bitmap, omniglot)."
         ) from e
+    except DataError:  # a feature class refused by _builtin_features_only
+        raise
     except Exception as e:  # a malformed name, config or version
         raise DataError(f"data.name={name} does not name a TFDS dataset: {e}") from e
     where = builder.data_dir
