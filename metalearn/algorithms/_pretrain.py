@@ -39,7 +39,8 @@ CLASSIFIERS = ("linear", "cosine")
 # the norm of any non-degenerate vector, and finite gradients at a zero one (a dead ReLU layer).
 NORM_EPS = 1e-12
 # Logistic regression stops once the gradient of its (mean-scaled) objective has this norm;
-# float32 L-BFGS gets there in ~15 iterations on few-shot support sets (tests/test_pretrain_family)
+# float32 L-BFGS gets there in tens of iterations on few-shot support sets (against SciPy:
+# tests/test_rfs.py); with weak regularisation on raw features (C = 100) it can stall above it
 LOGREG_TOL = 1e-6
 
 
