@@ -15,7 +15,15 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 GROUPS = ("data", "model", "conditioning", "algo")
-PACKAGES = ("metalearn.data", "metalearn.models", "metalearn.conditioning", "metalearn.algorithms")
+PACKAGES = (
+    "metalearn.data",
+    "metalearn.models",
+    "metalearn.conditioning",
+    "metalearn.algorithms",
+    "metalearn.envs",
+    "metalearn.rl",
+    "metalearn.learned_optimizers",
+)
 
 
 class Option(NamedTuple):

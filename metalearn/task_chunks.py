@@ -14,6 +14,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from metalearn.types import Task
+
 # On a CPU, the chunk of image tasks holds about this many examples (support + query): fewer
 # leaves the cores too little work per operation, more spills the cache. Measured for conv4 on
 # Omniglot 5-way 1-shot (80 images per task): 2 tasks per chunk beat 1, 4, 8, 16 and 32.
@@ -31,7 +33,11 @@ def auto_task_chunk(n_tasks: int, examples_per_task: int, image_data: bool) -> i
 
 
 def auto_chunk_for(n_tasks: int, task) -> int:
-    """auto_task_chunk for tasks shaped like `task`: one task's arrays or shapes, no task axis."""
+    """auto_task_chunk for tasks shaped like `task`: one task's arrays or shapes, no task axis.
+    A task that is no episode of examples (an environment's parameters, metalearn/envs/) is
+    small: all at once."""
+    if not isinstance(task, Task):
+        return n_tasks
     x = task.support.x  # [examples, H, W, C] for images, [examples, features] otherwise
     examples = x.shape[0] + task.query.x.shape[0]
     return auto_task_chunk(n_tasks, examples, image_data=x.ndim >= 4)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metalearn import registry
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.base import classification_loss
 from metalearn.algorithms.finetune import FinetuneConfig, layerwise_lrs
@@ -89,12 +90,17 @@ def image_experiment(algo_name: str, model_cfg=None) -> Experiment:
 # maths, and MAML's learning here stands for theirs (each would add 25-50 s to the suite).
 NEEDS_MORE_STEPS = {"multitask", "reptile", "imaml", "cavia"}
 LEARNING_CHECKED_AS_MAML = {"metasgd", "mamlpp"}
+# learners of other task families (reinforcement, inner optimisation problems) have their own tests
+IMAGE_LEARNERS = {
+    name for name, option in registry.options("algo").items()
+    if "classification" in option.schema.kinds
+}  # fmt: skip
 LEARN_STEPS = 100
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "algo_name", sorted(set(ALGORITHMS) - NEEDS_MORE_STEPS - LEARNING_CHECKED_AS_MAML)
+    "algo_name", sorted(IMAGE_LEARNERS - NEEDS_MORE_STEPS - LEARNING_CHECKED_AS_MAML)
 )
 def test_every_algorithm_learns_a_tiny_image_task(algo_name):
     exp = image_experiment(algo_name)

@@ -1,0 +1,54 @@
+"""The inner training run: an update rule applied for a number of steps to one inner problem, as
+a lax.scan (vmap it over problems), and the truncated segment the meta-gradient is taken over."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metalearn.data.problems import InnerProblem
+from metalearn.learned_optimizers import LearnedOptimizer
+from metalearn.types import Params, Split
+
+
+def unroll(
+    rule: LearnedOptimizer,
+    problem: InnerProblem,
+    theta: Params,
+    params: Params,
+    state,
+    split: Split,
+    steps: int,
+    *,
+    second_order: bool = False,
+    remat: bool = False,
+):
+    """`steps` updates of `rule` (meta-parameters theta) on problem's loss on `split`, from
+    (params, state). Returns (params, state, losses [steps + 1]): losses[i] = f(theta_i), the
+    loss before update i and, last, after the final update.
+
+    Without second_order the inner gradients are constants to the meta-gradient (Andrychowicz
+    et al. 2016 drop those terms, which would need Hessians); with it the meta-gradient is the
+    exact derivative of the losses (hypergradients). remat recomputes each step in the backward
+    pass instead of storing it (jax.checkpoint), for long segments.
+    """
+
+    def step(carry, _):
+        p, s = carry
+        loss, g = jax.value_and_grad(problem.loss)(p, split)
+        if not second_order:
+            g = jax.lax.stop_gradient(g)
+        u, s = rule.update(theta, g, s, p)
+        return (optax.apply_updates(p, u), s), loss
+
+    body = jax.checkpoint(step) if remat else step
+    (params, state), losses = jax.lax.scan(body, (params, state), None, length=steps)
+    return params, state, jnp.append(losses, problem.loss(params, split))
+
+
+def segment_loss(losses: jax.Array) -> jax.Array:
+    """The meta-loss of a segment (the paper's objective with all weights 1): the mean inner loss
+    after each of its updates, f(theta_{t+1}) .. f(theta_{t+K}) (f(theta_t) does not depend on
+    the segment's meta-parameters)."""
+    return losses[..., 1:].mean()

@@ -1,0 +1,47 @@
+"""PPO's maths for one batch of trajectories (Schulman et al. 2017): generalised advantage
+estimation (Schulman et al. 2016) and the clipped surrogate with value loss and entropy bonus."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def gae(rewards, values, dones, last_value, gamma: float, lam: float):
+    """Advantages and returns [T] of one trajectory. dones[t] marks that step t ended the
+    trajectory (no bootstrap past it); last_value is V of the state after the last step.
+
+    delta_t = r_t + gamma V_{t+1} (1 - d_t) - V_t,  A_t = delta_t + gamma lam (1 - d_t) A_{t+1}.
+    """
+    next_values = jnp.append(values[1:], last_value)
+    live = 1.0 - dones.astype(values.dtype)
+    deltas = rewards + gamma * next_values * live - values
+
+    def back(advantage, x):
+        delta, alive = x
+        advantage = delta + gamma * lam * alive * advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(back, jnp.zeros((), values.dtype), (deltas, live), reverse=True)
+    return advantages, advantages + values
+
+
+def ppo_loss(logp, old_logp, advantages, values, returns, entropy, *, clip: float,
+             value_coef: float, entropy_coef: float):  # fmt: skip
+    """(loss, metrics) over a batch of steps (any shape, all arrays alike): the negative clipped
+    surrogate min(rho A, clip(rho, 1 - eps, 1 + eps) A), plus value_coef times half the squared
+    value error, minus entropy_coef times the mean entropy."""
+    ratio = jnp.exp(logp - old_logp)
+    surrogate = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - clip, 1 + clip) * advantages)
+    policy_loss = -surrogate.mean()
+    value_loss = 0.5 * jnp.square(values - returns).mean()
+    mean_entropy = entropy.mean()
+    loss = policy_loss + value_coef * value_loss - entropy_coef * mean_entropy
+    return loss, {
+        "loss": loss,
+        "policy_loss": policy_loss,
+        "value_loss": value_loss,
+        "entropy": mean_entropy,
+        "approx_kl": (old_logp - logp).mean(),
+        "clip_fraction": (jnp.abs(ratio - 1) > clip).mean(),
+    }
