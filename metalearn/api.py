@@ -98,7 +98,7 @@ def load_run(
         )
     run = RunDir(run_dir)
     run.check_folder()
-    cfg = load_run_config(run, list(overrides))
+    cfg = load_run_config(run, list(overrides), purpose="evaluate")  # nothing is trained
     spec = read_spec(run)
     if spec is None:
         log.warning(
@@ -108,6 +108,7 @@ def load_run(
         )
         exp, params, meta = restore(run.path, list(overrides), checkpoint)
         spec = spec_of(exp.source)
+        _warn_if_not_finite(run, checkpoint, params)
         return Run(run.path, exp.cfg, spec, exp.model, exp.algo, params, meta, checkpoint)
     model = make_model(cfg.model, spec.input_shape)
     algo = build_algorithm(cfg, model, spec)
@@ -118,7 +119,21 @@ def load_run(
         template = jax.eval_shape(lambda p: initial_state(exp, p), template)
     tree, meta = run.load_checkpoint(checkpoint, template)
     params = tree.params if checkpoint == "latest" else tree
+    _warn_if_not_finite(run, checkpoint, params)
     return Run(run.path, cfg, spec, model, algo, params, meta, checkpoint)
+
+
+def _warn_if_not_finite(run: RunDir, checkpoint: str, params) -> None:
+    """A checkpoint with NaN or infinite parameters loads, but nothing it returns is a result:
+    say so once, naming the file (`metalearn eval` warns the same way)."""
+    from metalearn.evaluate import finite_params
+
+    if not finite_params(params):
+        log.warning(
+            "The checkpoint %s holds NaN or infinite parameters: what adapt, predict and "
+            "classify return from it is NaN, not a result.",
+            run.path / "checkpoints" / f"{checkpoint}.npz",
+        )
 
 
 class Run:

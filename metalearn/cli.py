@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metalearn import run_plan
 from metalearn.config import ConfigError, register_schemas
-from metalearn.errors import ArgumentParser, fail
+from metalearn.errors import ArgumentParser, fail, path_argument
 
 USAGE = """usage: metalearn COMMAND ...
 
@@ -93,6 +93,7 @@ def _main() -> None:
         sys.exit(0)
     command, rest = sys.argv[1], sys.argv[2:]
     if command == "train":
+        check_train_arguments(rest)
         sys.argv = [f"{sys.argv[0]} train"] + rest
         register_schemas()
         hydra_train()
@@ -104,8 +105,24 @@ def _main() -> None:
         from metalearn.reports.compare import compare_command
 
         compare_command(rest)
+    elif command.startswith("-"):
+        fail(
+            f"metalearn: unrecognized arguments: {command}. Give a command first: train, eval, "
+            "predict or compare (`metalearn --help` says more)."
+        )
     else:
         fail(f"unknown command {command!r}; the commands are train, eval, predict and compare.")
+
+
+def check_train_arguments(argv: list[str]) -> None:
+    """`metalearn train`'s flags, parsed as Hydra parses them, so that an unknown flag gets the
+    one-paragraph error of every command (Hydra's parser prints its usage and exits 1)."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "metalearn train"
+    parser.error = ArgumentParser.error.__get__(parser)  # metalearn's one paragraph
+    parser.parse_args(argv)  # Hydra parses them again; this only refuses what it would refuse
 
 
 # ------------------------------------------------------------------------------------- train
@@ -285,7 +302,7 @@ def eval_command(argv: list[str]) -> None:
         description="Re-evaluate a run's best checkpoint on meta-test tasks, with overrides "
         "such as eval.num_tasks=2000, data.k_shot=5 or eval.inner_steps=10.",
     )
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", type=path_argument)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--checkpoint", default="best", choices=["best", "latest"])
@@ -296,7 +313,7 @@ def eval_command(argv: list[str]) -> None:
         help="print the result without writing it to RUN_DIR/evals/ (nothing in RUN_DIR is "
         "written, so a read-only run can be evaluated)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     try:
         result = evaluate_run(
             args.run_dir, args.overrides, args.split, args.checkpoint, save=args.save
@@ -311,12 +328,14 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a checkpoint and write the result to RUN_DIR/evals/, nothing else; with
     save=False nothing at all is written, so the run directory may be read-only."""
-    from metalearn.evaluate import make_evaluator
-    from metalearn.experiment import restore
+    from metalearn.eval_overrides import check_eval_overrides
+    from metalearn.evaluate import make_evaluator, warn_if_not_finite
+    from metalearn.experiment import check_evaluation_fits, restore
     from metalearn.rundir import RunDir
 
     run = RunDir(run_dir)
     run.check_folder()
+    check_eval_overrides(run, overrides, split)  # settings eval would ignore are refused
     exp, params, meta = restore(run_dir, overrides, checkpoint)
     if save:
         run.check_writable("evals")  # before the work, so a result is never computed and lost
@@ -325,7 +344,11 @@ def evaluate_run(
         exp.algo, exp.source, exp.loss_fn, exp.eval_inner_steps, cfg.eval.batch
     )
     started = time.perf_counter()
+    what = f"Evaluating the {checkpoint} checkpoint on {cfg.eval.num_tasks:,} {split} tasks"
+    check_evaluation_fits(exp, evaluate, params, [(split, cfg.eval.num_tasks, what)])
     metrics = evaluate(params, split, cfg.eval.num_tasks, cfg.eval.seed + (split == "val"))
+    checkpoint_file = run.path / "checkpoints" / f"{checkpoint}.npz"
+    warn_if_not_finite(metrics, checkpoint_file, params, exp.eval_inner_steps)
     result = {
         "run_dir": str(run_dir),
         "checkpoint": checkpoint,
@@ -366,18 +389,19 @@ def predict_command(argv: list[str]) -> None:
         "in RUN_DIR is written.",
     )
     parser.add_argument(
-        "run_dir", metavar="RUN_DIR", help="a run directory `metalearn train` wrote"
-    )
+        "run_dir", metavar="RUN_DIR", type=path_argument,
+        help="a run directory `metalearn train` wrote",
+    )  # fmt: skip
     parser.add_argument(
-        "--support", required=True, metavar="DIR",
+        "--support", required=True, metavar="DIR", type=path_argument,
         help="a folder with one subfolder of images per class",
     )  # fmt: skip
     parser.add_argument(
-        "--query", required=True, metavar="DIR",
+        "--query", required=True, metavar="DIR", type=path_argument,
         help="a folder of images to classify (subfolders included)",
     )  # fmt: skip
     parser.add_argument(
-        "--output", metavar="FILE.csv",
+        "--output", metavar="FILE.csv", type=path_argument,
         help="also write the predictions (with a header line) to this CSV file, atomically; "
         "never inside a run directory",
     )  # fmt: skip

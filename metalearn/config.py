@@ -158,14 +158,27 @@ def register_schemas() -> None:
             cs.store(group=f"schema/{group}", name=option, node=schema)
 
 
-def to_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
+# What a command does with a config, which decides the checks it needs: "train" checks every
+# setting; "evaluate" (`metalearn eval`, load_run: they train nothing) skips the checks declared
+# training-only (TRAINING_CHECKS), such as the shape of training episodes, which an evaluation
+# never draws; its own settings (data.*, eval.*) are checked as for training.
+PURPOSES = ("train", "evaluate")
+
+
+def check_purpose(purpose: str) -> None:
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose={purpose!r}: use one of {PURPOSES}")  # a caller's bug
+
+
+def to_config(cfg: DictConfig, overrides: Sequence[str] = (), purpose: str = "train") -> Config:
     """Build (and so validate) the typed config from a composed DictConfig.
 
     `overrides` are the command line's `key=value` strings: OmegaConf converts a value to its
     field's type where it can (`2` becomes true for a boolean), so their raw types are checked
     against the schema here. The schema is closed: a key it does not define is refused, also
-    when `+` or `++` added it.
+    when `+` or `++` added it. `purpose` (PURPOSES) says which checks apply.
     """
+    check_purpose(purpose)
     _check_against_schema(cfg, "")
     _check_raw_types(cfg, overrides)
     try:
@@ -175,7 +188,7 @@ def to_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
             raise
         raise ConfigError(f"The configuration has a malformed value: {error}.") from None
     _check_integers(typed, "")
-    _check_combination(typed)
+    _check_combination(typed, purpose)
     return typed
 
 
@@ -198,8 +211,11 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def from_yaml_with_overrides(saved: DictConfig | dict, overrides: list[str]) -> Config:
-    """Rebuild a run's typed config from its saved YAML plus `key=value` overrides (for eval).
+def from_yaml_with_overrides(
+    saved: DictConfig | dict, overrides: list[str], purpose: str = "train"
+) -> Config:
+    """Rebuild a run's typed config from its saved YAML plus `key=value` overrides (to resume
+    it, purpose="train", or to evaluate it, purpose="evaluate": see PURPOSES).
 
     Settings the saved file holds that this version's schema no longer has (written by an older
     metalearn) are dropped with a warning; the overrides must name settings the schema has.
@@ -232,7 +248,7 @@ def from_yaml_with_overrides(saved: DictConfig | dict, overrides: list[str]) -> 
                 OmegaConf.update(merged, key, value, merge=False, force_add=True)
     except OmegaConfBaseException as error:
         raise ConfigError(f"The configuration does not fit the schema: {error}") from None
-    return to_config(merged, overrides)
+    return to_config(merged, overrides, purpose)
 
 
 def _drop_unknown(schema: DictConfig, saved: dict, path: str) -> dict:
@@ -326,13 +342,15 @@ def _check_integers(value: Any, path: str) -> None:
         )
 
 
-def _check_combination(cfg: Config) -> None:
+def _check_combination(cfg: Config, purpose: str = "train") -> None:
     """Checks that span groups, from the capabilities the options declare (their schemas'
     class variables: data kind, multitask and inputs; a model's inputs; an algorithm's kinds,
-    multitask_data and conditioned), then each option's own `check_with`."""
+    multitask_data and conditioned), then each option's own `check_with`; the training-only
+    checks (TRAINING_CHECKS) for purpose="train" only."""
     from metalearn.loggers import check_logger
 
     check_logger(cfg.logger)
+    _check_paths(cfg, purpose)
     data, model, algo = cfg.data, cfg.model, cfg.algo
     require(
         algo.multitask_data == data.multitask,
@@ -360,7 +378,8 @@ def _check_combination(cfg: Config) -> None:
     require(
         data.inputs in model.inputs,
         f"model={model.name} takes {' or '.join(model.inputs)}; data={data.name} has "
-        f"{data.inputs} (e.g. model=mlp takes both).",
+        f"{data.inputs}; models that take {data.inputs}: "
+        f"{_names_with('inputs', lambda inputs: data.inputs in inputs, 'model')}.",
     )
     norm = getattr(model, "norm", "transductive")  # models without batch norm have no mode
     require(
@@ -382,11 +401,29 @@ def _check_combination(cfg: Config) -> None:
             "one shape, and this model's batch statistics would count the padding. Models "
             f"that leave it out: model in {_names_with('reads_padded', bool, 'model')}.",
         )
-    _check_training_shape(cfg)
+    if purpose == "train":
+        for check in TRAINING_CHECKS:
+            check(cfg)
     for group in (cfg.data, cfg.model, cfg.conditioning, cfg.algo):
         check_with = getattr(group, "check_with", None)
         if check_with is not None:
             check_with(cfg)
+
+
+def _check_paths(cfg: Config, purpose: str = "train") -> None:
+    """A path setting that is empty (or only spaces) is refused: the system would read it as the
+    current folder, which the user did not name. Data options name theirs in `locations`;
+    algo.init_from is read by training only."""
+    paths = {f"data.{key}": getattr(cfg.data, key) for key in type(cfg.data).locations}
+    if purpose == "train":
+        paths["algo.init_from"] = cfg.algo.init_from
+    for name, value in paths.items():
+        default = "start from scratch" if name == "algo.init_from" else "metalearn looks for it"
+        require(
+            not isinstance(value, str) or value.strip() != "",
+            f"{name}={value!r} is not allowed: an empty path would be taken as the current "
+            f"folder. Give the path itself (. for the current folder), or null ({default}).",
+        )
 
 
 def training_shape(cfg: Config) -> tuple[int, int, int] | None:
@@ -421,6 +458,10 @@ def _check_training_shape(cfg: Config) -> None:
         f"cannot do: its outputs are sized for data.n_way classes. Training with another number "
         f"of classes works with algo in {_names_with('any_way', bool)}.",
     )
+
+
+# Checks of settings that only training reads: skipped for purpose="evaluate" (PURPOSES).
+TRAINING_CHECKS = (_check_training_shape,)
 
 
 def _names_with(capability: str, holds, group: str = "algo") -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 
 import jax
@@ -13,6 +15,8 @@ from metalearn.data import TaskSource
 from metalearn.models import norm
 from metalearn.task_chunks import auto_chunk_for
 from metalearn.types import Algorithm
+
+log = logging.getLogger("metalearn")
 
 # eval.batch=null: at most this many tasks at once (the fixed default before it was automatic);
 # evaluation draws hundreds of tasks, far more than a training meta-batch.
@@ -46,16 +50,29 @@ def make_evaluator(
             with norm.testing():  # inductive batch norm: the running statistics
                 return algo.evaluate(params, task, k_adapt, inner_steps)[1]
 
-        size = batch
-        if size is None:  # as a training step's chunk (metalearn/task_chunks.py), capped
-            task = jax.eval_shape(draw, base_key, arrays, 0)
-            size = min(auto_chunk_for(len(indices), task), MAX_AUTO_EVAL_BATCH)
-        return jax.lax.map(one, indices, batch_size=size)
+        return jax.lax.map(one, indices, batch_size=batch_size(arrays, len(indices)))
+
+    def batch_size(arrays, n: int) -> int:
+        if batch is not None:
+            return batch
+        # as a training step's chunk (metalearn/task_chunks.py), capped
+        task = jax.eval_shape(draw, jax.random.PRNGKey(0), arrays, 0)
+        return min(auto_chunk_for(n, task), MAX_AUTO_EVAL_BATCH)
+
+    def draws(num_tasks: int) -> int:
+        if n_tasks:
+            return n_tasks * max(1, round(num_tasks / n_tasks))  # every task equally often
+        return num_tasks
+
+    def lower(params, split: str, num_tasks: int):
+        """The evaluation of `num_tasks` tasks of `split`, lowered: compiled, it gives XLA's
+        memory analysis, and jit keeps the compiled program for the evaluation that follows."""
+        indices = jnp.arange(draws(num_tasks))
+        return run_batch.lower(params, source.splits[split], indices, jax.random.PRNGKey(0))
 
     def evaluate(params, split: str, num_tasks: int, seed: int, tasks: dict | None = None) -> dict:
         base_key = jax.random.PRNGKey(seed)
-        if n_tasks:
-            num_tasks = n_tasks * max(1, round(num_tasks / n_tasks))  # every task equally often
+        num_tasks = draws(num_tasks)
         per_task = run_batch(params, source.splits[split], jnp.arange(num_tasks), base_key)
         per_task = jax.device_get(per_task)
         if tasks is not None:
@@ -64,6 +81,11 @@ def make_evaluator(
             return summarize_tasks(per_task, source.task_names)
         return summarize(per_task)
 
+    # for experiment.prepare, which checks an evaluation's memory before a run starts
+    evaluate.lower = lower
+    evaluate.batch_size = lambda split, num_tasks: min(
+        batch_size(source.splits[split], draws(num_tasks)), draws(num_tasks)
+    )
     return evaluate
 
 
@@ -100,3 +122,38 @@ def summarize_tasks(per_draw: dict, task_names: tuple[str, ...]) -> dict:
     worst = pick(task_names, key=lambda name: per_task[name][metric])
     out["worst"] = {"task": worst, metric: per_task[worst][metric]}
     return out
+
+
+def non_finite(metrics: dict, prefix: str = "") -> list[str]:
+    """`name=value` of each NaN or infinite number in metrics (nested per-task ones as
+    per_task.TASK.name)."""
+    bad = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            bad += non_finite(value, f"{prefix}{key}.")
+        elif not isinstance(value, str) and not math.isfinite(value):
+            bad.append(f"{prefix}{key}={value}")
+    return bad
+
+
+def finite_params(params) -> bool:
+    return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+
+
+def warn_if_not_finite(metrics: dict, checkpoint, params, inner_steps: int) -> bool:
+    """Warn once, naming the checkpoint file and the metrics, when an evaluation of it is NaN
+    or infinite (numbers that are no result); True if it warned."""
+    bad = non_finite(metrics)
+    if not bad:
+        return False
+    why = (
+        "its parameters hold NaN or infinite values"
+        if not finite_params(params)
+        else f"its parameters are finite, so the adaptation diverges (eval.inner_steps="
+        f"{inner_steps}): try fewer eval.inner_steps or a lower algo.inner_lr"
+    )
+    log.warning(
+        "The checkpoint %s evaluates to non-finite metrics (%s): %s.", checkpoint,
+        ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else ""), why,
+    )  # fmt: skip
+    return True

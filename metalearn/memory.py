@@ -59,17 +59,29 @@ def compiled_bytes(compiled) -> int | None:
 
 
 def check_fits(
-    needed: int | None, what: str, sizes: str, data_sizes: tuple[str, ...] = ("k_shot", "k_query")
+    needed: int | None,
+    what: str,
+    sizes: str,
+    data_sizes: tuple[str, ...] = ("k_shot", "k_query"),
+    lower: str | None = None,
 ) -> None:
     """ConfigError if `needed` bytes exceed the free memory of the device that runs them;
     `sizes` says what asks for them (e.g. "32 tasks of 5 + 75 examples of shape (28, 28, 1)"),
-    data_sizes the data settings that size a task (DataConfig.size_settings)."""
+    data_sizes the data settings that size a task (DataConfig.size_settings), `lower` what to
+    lower (by default the training step's sizes)."""
     free = available_bytes()
     if needed is None or free is None or needed <= free:
         return
+    data = ", ".join(f"data.{k}" for k in data_sizes)
+    if lower is None:
+        lower = (
+            f"Lower train.meta_batch, {data} or model.hidden, or walk the meta-batch in smaller "
+            "chunks (train.task_chunk)"
+        )
+    else:
+        lower = lower.format(data=data)
     raise ConfigError(
         f"{what} needs about {needed / 2**30:.1f} GiB of memory (XLA's estimate for the "
-        f"compiled program), more than the {free / 2**30:.1f} GiB free here: {sizes}. Lower "
-        f"train.meta_batch, {', '.join(f'data.{k}' for k in data_sizes)} or model.hidden, or "
-        "walk the meta-batch in smaller chunks (train.task_chunk), and run again."
+        f"compiled program), more than the {free / 2**30:.1f} GiB free here: {sizes}. "
+        f"{lower}, and run again."
     )

@@ -26,6 +26,11 @@ def plan(dcfg, hydra_cfg, run, overrides: list[str]):
     """
     resume = dcfg.get("resume")
     requeue = str(resume).lower() == "true"  # resume=true: this command's own directory
+    if isinstance(resume, str) and not resume.strip():  # Path("") would be the current folder
+        raise ConfigError(
+            f"resume={resume!r} is an empty path. Give resume=true (this command's own run "
+            "directory) or resume=RUN_DIR, the directory of a run `metalearn train` started."
+        )
     if resume is not None and resume is not False:
         target = run.path if requeue else Path(str(resume))
         if target.resolve() != run.path.resolve() and run.primary:

@@ -57,6 +57,7 @@ class RunDir:
     """
 
     def __init__(self, path: str | os.PathLike, primary: bool = True):
+        refuse_empty_path(path)
         self.path = Path(path)
         self.primary = primary
         self._lock_fd: int | None = None
@@ -371,8 +372,20 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def refuse_empty_path(path: str | os.PathLike, what: str = "a run directory") -> None:
+    """Path("") is the current folder: an empty path (a variable that was not set) must not
+    stand for it."""
+    if isinstance(path, str) and not path.strip():
+        raise RunDirError(
+            f"{path!r} is not {what}: an empty path would be taken as the current folder. Give "
+            "the path itself (. for the current folder)."
+        )
+
+
 def find_runs(paths: list[str]) -> list[Path]:
     """Every run directory (one holding summary.json or .hydra/config.yaml) below the paths."""
+    for path in paths:
+        refuse_empty_path(path, "a run directory or a folder of runs")
     runs = set()
     for root in map(Path, paths):
         if not root.exists():

@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from metalearn.evaluate import warn_if_not_finite
 from metalearn.experiment import Session
 from metalearn.progress import Reporter
 from metalearn.protocol import TEST_TASKS_FILE, protocol_card
@@ -75,12 +76,14 @@ def train(session: Session, run: RunDir) -> dict:
 
     budget_s = None if cfg.train.max_minutes is None else 60 * cfg.train.max_minutes
     last_step = progress["step"]
+    previous = None  # the step before's metrics, for the bound on running ahead
     with _stop_on_signals() as stop, report.active():
         for step in range(progress["step"] + 1, cfg.train.steps + 1):
             t = time.perf_counter()
             state, metrics = train_step(
                 state, train_arrays, jax.random.fold_in(train_key, step), step
             )
+            previous = _wait_for(previous, metrics)
             report.advance()
             out_of_time = budget_s is not None and report.elapsed_s >= budget_s
             last = step == cfg.train.steps or out_of_time
@@ -128,6 +131,8 @@ def train(session: Session, run: RunDir) -> dict:
         best_params, _ = run.load_checkpoint("best", state.params)
     per_task: dict = {}
     test = evaluate(best_params, "test", cfg.eval.num_tasks, cfg.eval.seed, per_task)
+    best_file = run.path / "checkpoints" / "best.npz"
+    warn_if_not_finite(test, best_file, best_params, exp.eval_inner_steps)
     protocol = protocol_card(exp, last_step)
     # each test task's metrics, for paired comparisons of runs on the same tasks (compare)
     run.write_json(TEST_TASKS_FILE, {"test_tasks": protocol["test_tasks"], "metrics": per_task})
@@ -168,6 +173,21 @@ def _last_good(run: RunDir, progress: dict) -> str:
         )
     latest = run.path / "checkpoints" / "latest.npz"
     return f"The last good checkpoint is {latest} (step {progress['step']})."
+
+
+def _wait_for(previous, metrics):
+    """Wait until the step before this one is done; return this step's metrics for the next.
+
+    Dispatch is asynchronous: unbounded, Python runs ahead of the device (7 steps in
+    tests/test_stop_and_eval_checks.py on a CPU, up to the next logged step at most) and then
+    waits inside XLA, where no signal handler runs, so a SIGTERM was handled steps late and
+    the checkpoint then waited for every step queued. Waiting for step s-1 after dispatching
+    step s keeps the device busy (step s is queued) and bounds a stop to one step: the
+    handler runs when the step in flight ends, and the loop stops after the next.
+    """
+    if previous is not None:
+        jax.block_until_ready(previous)
+    return metrics
 
 
 class _SignalFlag:

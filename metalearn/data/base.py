@@ -52,6 +52,11 @@ class TaskSource(NamedTuple):
     episodes: Callable[[int, int, int], Callable] | None = None
 
 
+# the data kinds a run's spec may hold: the supervised ones and the environments'
+# (envs/base.py::KIND)
+SPEC_KINDS = ("classification", "regression", "reinforcement")
+
+
 class DataSpec(NamedTuple):
     """What a TaskSource tells the model and algorithm factories, without its arrays: enough to
     rebuild a trained run's model and learner without loading its dataset (data_spec.json)."""
@@ -85,8 +90,8 @@ class DataSpec(NamedTuple):
         names = record["task_names"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("task_names is not a list of strings")
-        if record["kind"] not in ("classification", "regression"):
-            raise ValueError(f"kind={record['kind']!r} is neither classification nor regression")
+        if record["kind"] not in SPEC_KINDS:
+            raise ValueError(f"kind={record['kind']!r} is not one of {', '.join(SPEC_KINDS)}")
         return cls(
             kind=record["kind"],
             n_out=record["n_out"],

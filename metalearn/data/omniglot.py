@@ -714,7 +714,7 @@ def make_source(cfg: OmniglotConfig) -> TaskSource:
         check_way(cfg.n_way, images[name].shape[0], name, cfg, "data.n_way")
         splits[name] = jnp.asarray(images[name])
         if cfg.episodes == "within_alphabet":
-            weights = _alphabet_weights(alphabets[name], cfg.n_way, name, data)
+            weights = _alphabet_weights(alphabets[name], cfg.n_way, name, data, cfg)
             splits[name] = (splits[name], jnp.asarray(alphabets[name]), jnp.asarray(weights))
 
     def episodes(n_way: int, k_shot: int, k_query: int, weights=None):
@@ -751,7 +751,10 @@ def make_source(cfg: OmniglotConfig) -> TaskSource:
         )
         weights = None
         if cfg.episodes == "within_alphabet":
-            weights = jnp.asarray(_alphabet_weights(alphabets["train"], n_way, "train", data))
+            weights = _alphabet_weights(
+                alphabets["train"], n_way, "train", data, cfg, "train.n_way"
+            )
+            weights = jnp.asarray(weights)
         return episodes(n_way, k_shot, k_query, weights)
 
     return TaskSource(
@@ -773,17 +776,23 @@ def check_way(n_way: int, n_classes: int, split: str, cfg: OmniglotConfig, key: 
         )
 
 
-def _alphabet_weights(alphabet: np.ndarray, n_way: int, split: str, data) -> np.ndarray:
+def _alphabet_weights(
+    alphabet: np.ndarray, n_way: int, split: str, data, cfg: OmniglotConfig, key="data.n_way"
+) -> np.ndarray:
     """Within-alphabet episodes: an equal weight for each alphabet of the split with at least
-    n_way characters, 0 for the others (float32 [alphabets])."""
+    n_way characters (`key` sets it), 0 for the others (float32 [alphabets])."""
     sizes = np.bincount(alphabet, minlength=len(data.alphabets))
     if sizes.max() < n_way:
         biggest = data.alphabets[int(sizes.argmax())]
+        fixes = [f"lower {key}"]
+        if cfg.split != "alphabet":
+            fixes.append("use data.split=alphabet (whole alphabets per split)")
+        if split == "train" and not cfg.rotations:
+            fixes.append("add data.rotations=true (each rotation of a character is a class)")
         raise ConfigError(
-            f"data.episodes=within_alphabet draws all {n_way} classes of an episode from one "
-            f"alphabet, but no alphabet of the meta-{split} split has {n_way} characters (the "
-            f"largest, {biggest}, has {int(sizes.max())}); lower the way, or use data.split="
-            "alphabet (whole alphabets per split)."
+            f"data.episodes=within_alphabet draws all {key}={n_way} classes of an episode from "
+            f"one alphabet, but no alphabet of the meta-{split} split has {n_way} characters "
+            f"(the largest, {biggest}, has {int(sizes.max())}): {', or '.join(fixes)}."
         )
     eligible = (sizes >= n_way).astype(np.float32)
     return eligible / eligible.sum()

@@ -42,9 +42,12 @@ drop units at test; it is refused (give it a `deterministic` argument, or use in
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -128,12 +131,14 @@ def load_class(path: str):
     """The object `package.module:Attr.Sub` names; a ConfigError when it cannot be imported."""
     module_name, _, attr = path.partition(":")
     try:
-        obj = importlib.import_module(module_name)
+        with _start_folder_on_path():
+            obj = importlib.import_module(module_name)
     except Exception as error:  # the user's module: any failure while importing it
         raise ConfigError(
             f"model.module={path}: the module {module_name!r} could not be imported "
             f"({_one_line(error)}). Give package.module:Class of a module on the Python path "
-            "(the working directory is on it; add others with PYTHONPATH)."
+            f"(the folder the command was started in, {_start_folder()}, is on it; add others "
+            "with PYTHONPATH)."
         ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -143,6 +148,34 @@ def load_class(path: str):
             )
         obj = getattr(obj, part)
     return obj
+
+
+def _start_folder() -> str:
+    """The folder the command was started in (Hydra's, where it changed into the run's)."""
+    try:
+        from hydra.utils import get_original_cwd
+
+        return get_original_cwd()
+    except (ImportError, ValueError):  # ValueError: not inside a Hydra command
+        return os.getcwd()
+
+
+@contextlib.contextmanager
+def _start_folder_on_path():
+    """sys.path with the start folder first while the user's module is imported: `python -m`
+    puts it there, the `metalearn` console script does not. Removed afterwards, so that a
+    library caller's path is left as it was."""
+    folder = _start_folder()
+    on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
+    added = os.path.abspath(folder) not in on_path
+    if added:
+        sys.path.insert(0, folder)
+    importlib.invalidate_caches()  # a module written since the folder was last listed
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
 
 
 def _flavour(cls, path: str) -> str:

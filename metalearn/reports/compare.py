@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from metalearn.errors import ArgumentParser, fail
+from metalearn.errors import ArgumentParser, fail, path_argument
 from metalearn.reports.paired import paired_report, protocol_differences
 from metalearn.reports.runs import error_reason, load_run
 from metalearn.reports.seeds import merge_seeds
@@ -82,17 +82,25 @@ def compare_command(argv: list[str]) -> None:
     description = __doc__.splitlines()[0]
 
     parser = ArgumentParser(prog="metalearn compare", description=description)
-    parser.add_argument("paths", nargs="+", help="run directories or folders holding runs")
-    parser.add_argument("--csv", help="also write the table as CSV to this file")
-    parser.add_argument("--md", help="also write the table as Markdown to this file")
+    parser.add_argument(
+        "paths", nargs="+", type=path_argument, help="run directories or folders holding runs"
+    )
+    parser.add_argument(
+        "--csv", type=path_argument, help="also write the table as CSV to this file"
+    )
+    parser.add_argument(
+        "--md", type=path_argument, help="also write the table as Markdown to this file"
+    )
     parser.add_argument(
         "--plot",
         metavar="DIR",
+        type=path_argument,
         help="also write learning_curves.png and test_metrics.png to this folder",
     )
     parser.add_argument(
         "--negative-transfer",
         metavar="DIR",
+        type=path_argument,
         help="multi-task runs: write negative_transfer.md and .png (each task's gain against "
         "conditioning=separate) to this folder",
     )

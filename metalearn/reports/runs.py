@@ -14,6 +14,8 @@ import os
 import stat
 from pathlib import Path
 
+import yaml
+
 from metalearn.protocol import flatten
 from metalearn.rundir import RunDirError, read_run_yaml
 
@@ -54,16 +56,20 @@ def read_run_file(run: Path, relative: str, limit: int | None = MAX_RUN_FILE_BYT
 
 
 def read_yaml_file(run: Path, relative: str):
-    """A YAML file of the run as plain data, None if there is none, else Unreadable."""
+    """A YAML file of the run as plain data, None if there is none, else Unreadable (also for a
+    file that holds no value: null, or only comments, which metalearn never writes)."""
     data = read_run_file(run, relative)
     if data is None:
         return None
     if not data.strip():
         raise Unreadable(f"{relative} is empty")
     try:  # plain YAML: no tags, and no aliases (metalearn writes none; nested ones explode)
-        return read_run_yaml(Path(run) / relative)
+        value = read_run_yaml(Path(run) / relative)
     except RunDirError as error:
         raise Unreadable(f"{relative} is not valid YAML ({_cause(error)})") from None
+    if value is None:
+        raise Unreadable(f"{relative} holds no value (null or only comments)")
+    return value
 
 
 def _cause(error: RunDirError) -> str:
@@ -97,10 +103,11 @@ def load_run(path: Path) -> dict:
         run["status"] = "running or killed"
     else:
         run.update(_clean_summary(summary, problems))
-    if "overrides" not in run:
-        overrides = _read_overrides(path, problems)
-        if overrides is not None:
-            run["overrides"] = overrides
+    # Read even when the summary has the overrides, so that a damaged file is named.
+    overrides = _read_overrides(path, problems, needed="overrides" not in run)
+    if overrides is not None and "overrides" not in run:
+        run["overrides"] = overrides
+    _check_config(path, problems)
     return run
 
 
@@ -116,7 +123,9 @@ def _parse_summary(data: bytes) -> dict:
     return summary
 
 
-def _read_overrides(path: Path, problems: list[str]) -> list[str] | None:
+def _read_overrides(path: Path, problems: list[str], needed: bool) -> list[str] | None:
+    """The run's command-line overrides; a damaged file, or a missing one where the summary has
+    none (the run's settings would look like the defaults), is named in problems."""
     relative = ".hydra/overrides.yaml"
     try:
         overrides = read_yaml_file(path, relative)
@@ -124,8 +133,41 @@ def _read_overrides(path: Path, problems: list[str]) -> list[str] | None:
         problems.append(str(error))
         return None
     if overrides is None:
+        if needed and (path / CONFIG_FILE).exists():  # Hydra writes both at the start
+            problems.append(f"{relative} is missing")
         return None
     return _strings(overrides, relative, problems)
+
+
+CONFIG_FILE = ".hydra/config.yaml"
+
+
+def _check_config(path: Path, problems: list[str]) -> None:
+    """.hydra/config.yaml, when there is one, must be a YAML mapping: compare shows none of its
+    values, but a damaged config means the run cannot be resumed or evaluated, so it is named.
+    Only parsed into events (libyaml's, where installed), which is fast and builds nothing."""
+    try:
+        data = read_run_file(path, CONFIG_FILE)
+        if data is None:
+            return
+        if not data.strip():
+            raise Unreadable(f"{CONFIG_FILE} is empty")
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        events = (e for e in yaml.parse(data.decode(), Loader=loader) if not _framing(e))
+        first = next(events, None)
+        if not isinstance(first, yaml.MappingStartEvent):
+            raise Unreadable(f"{CONFIG_FILE} is not a mapping of settings")
+        if any(isinstance(e, yaml.AliasEvent) for e in events):
+            raise Unreadable(f"{CONFIG_FILE} uses YAML aliases, which metalearn never writes")
+    except Unreadable as error:
+        problems.append(str(error))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        reason = type(error).__name__
+        problems.append(f"{CONFIG_FILE} is not valid YAML ({reason})")
+
+
+def _framing(event) -> bool:
+    return isinstance(event, (yaml.StreamStartEvent, yaml.DocumentStartEvent))
 
 
 def _strings(value, where: str, problems: list[str]) -> list[str] | None:
