@@ -1053,6 +1053,18 @@ def listed(c: CaseCtx, p: Proc) -> None:
         c.failures.append("compare does not list the damaged run")
 
 
+def marked_unreadable(rel):
+    """compare lists the run as `unreadable: <file> ...` (issue 28), never as a run with the
+    default settings."""
+
+    def check(c: CaseCtx, p: Proc) -> None:
+        listed(c, p)
+        if p.rc == 0 and not re.search(rf"unreadable: [^\n]*{re.escape(rel)}", p.stdout):
+            c.failures.append(f"compare does not mark the run `unreadable: {rel} ...`")
+
+    return check
+
+
 DAMAGES = {
     "summary.json": ("wrong_types", "missing"),
     ".hydra/overrides.yaml": ("invalid", "wrong_types", "missing"),
@@ -1080,7 +1092,8 @@ for rel, hows in DAMAGES.items():
             ["compare", "{copy}"],
             "ok",
             setup=damage("sine", rel, how),
-            check=listed,
+            # a damaged .hydra file is named (a missing one is not damage: a run may lack it)
+            check=marked_unreadable(rel) if stem != "summary" and how != "missing" else listed,
         )
         add(
             "corrupt_run_files",
@@ -1769,8 +1782,8 @@ def kill_at(c: CaseCtx, run: Path, fraction: float, total_lines: int, argv, name
     )
 
 
-def same_test_metrics(c: CaseCtx, p: Proc, run: Path) -> None:
-    base = c.h.kill_baseline()
+def same_test_metrics(c: CaseCtx, p: Proc, run: Path, base: dict | None = None) -> None:
+    base = base if base is not None else c.h.kill_baseline()
     got = read_json(run / "summary.json") or {}
     if base is None:
         c.failures.append("setup: the uninterrupted run failed")
@@ -1822,6 +1835,229 @@ kill_case(
 )
 
 
+# ----------------------------------------------------------- issue 28: one paragraph, exit 2
+
+
+def one_paragraph(*names):
+    """Refused with exit 2 and one `metalearn: error:` paragraph that names each of `names`;
+    no usage dump (argparse's and Hydra's own format print one)."""
+
+    def check(c: CaseCtx, p: Proc) -> None:
+        if p.timed_out or p.rc == 0:
+            return  # classify reports these
+        if p.rc != 2:
+            c.failures.append(f"exit {p.rc}, not 2")
+        start = p.stderr.find("metalearn: error:")
+        after = p.stderr[start:].strip().splitlines() if start >= 0 else []
+        if len(after) > 1:
+            c.failures.append(f"the error is {len(after)} lines, not one paragraph")
+        if "usage:" in (p.stdout + p.stderr).lower():
+            c.failures.append("a usage text is printed")
+        line = error_line(p.stderr, p.stdout)
+        missing = [n for n in names if n not in line]
+        if missing:
+            c.failures.append(f"the error does not name {', '.join(missing)}")
+
+    return check
+
+
+def nothing_written(setup=None):
+    """(setup, check): the case's folder (the command's cwd) is as it was after setup."""
+
+    def before(c: CaseCtx) -> None:
+        if setup:
+            setup(c)
+        c.vars["_tree"] = json.dumps(hash_tree(c.dir))
+
+    def after(c: CaseCtx, p: Proc) -> None:
+        changes = diff_trees(json.loads(c.vars["_tree"]), hash_tree(c.dir))
+        if changes:
+            c.failures.append(f"the case folder changed: {'; '.join(changes[:3])}")
+
+    return before, after
+
+
+# ------------------------------------------------------------------------------ eval_settings
+# eval trains nothing: a setting only training reads is refused, naming the setting (and the
+# one eval reads instead); overrides may follow the options; eval checks only what it uses, so
+# the documented within-alphabet eval of an Omniglot run runs.
+
+
+def eval_tasks(n):
+    """eval's JSON result holds num_tasks == n (the override after the options took effect)."""
+
+    def found(node) -> list:
+        if isinstance(node, dict):
+            here = [node["num_tasks"]] if "num_tasks" in node else []
+            return here + [v for x in node.values() for v in found(x)]
+        return [v for x in node for v in found(x)] if isinstance(node, list) else []
+
+    def check(c: CaseCtx, p: Proc) -> None:
+        try:
+            counts = found(json.loads(p.stdout))
+        except ValueError:
+            counts = []
+        if p.rc == 0 and (not counts or any(k != n for k in counts)):
+            c.failures.append(f"the result's num_tasks are {counts}, not {n}")
+
+    return check
+
+
+for slug, override, names in [
+    ("train-steps", "train.steps=5", ("train.steps",)),
+    ("eval-every", "eval.every=5", ("eval.every",)),
+    ("train-k-shot", "train.k_shot=3", ("train.k_shot", "data.k_shot")),
+    ("seed", "seed=3", ("seed", "eval.seed")),
+]:
+    add(
+        "eval_settings",
+        f"sine-{slug}",
+        ["eval", "{ref_sine}", override],
+        "error",
+        check=one_paragraph(*names),
+    )
+add(
+    "eval_settings",
+    "sine-overrides-after-options",
+    ["eval", "{ref_sine}", "--checkpoint", "latest", "eval.num_tasks=3", "--no-save"],
+    "ok",
+    check=eval_tasks(3),
+)
+add(
+    "eval_settings",
+    "omni-within-alphabet",
+    ["eval", "{ref_omni}", "data.episodes=within_alphabet"],
+    "ok",
+    ref_evals=True,
+)
+
+# -------------------------------------------------------------------------------- empty_paths
+# An empty path is refused, never taken as the current folder (the case's folder, where
+# nothing may appear); the reference runs are checked unchanged as for every case.
+
+OMNI_NO_ROOT = [a for a in OMNI if not a.startswith("data.root=")]
+
+
+def _query_folder(c: CaseCtx) -> None:
+    (c.dir / "query").mkdir()
+
+
+for slug, argv, names, setup, cmd in [
+    ("train-resume", ["train", "@sine", "resume="], ("resume",), None, "train <SINE> resume=''"),
+    (
+        "omni-data-root",
+        ["train", "algo=protonet", *OMNI_NO_ROOT, "data.root="],
+        ("data.root",),
+        None,
+        "train algo=protonet <OMNI without data.root> data.root=''",
+    ),
+    ("eval", ["eval", ""], ("run_dir", "empty path"), None, "eval ''"),
+    ("compare", ["compare", ""], ("paths", "empty path"), None, "compare ''"),
+    (
+        "predict-support",
+        ["predict", "{ref_omni}", "--support", "", "--query", "{case}/query"],
+        ("--support", "empty path"),
+        _query_folder,
+        "predict {ref_omni} --support '' --query {case}/query",
+    ),
+]:
+    before, after = nothing_written(setup)
+    add(
+        "empty_paths",
+        slug,
+        argv,
+        "error",
+        setup=before,
+        check=both(one_paragraph(*names), after),
+        cmd=cmd,
+    )
+# started inside a run, an empty resume= must not resume that run (the current folder)
+before, after = nothing_written(_copy_sine)
+add(
+    "empty_paths",
+    "train-resume-inside-a-run",
+    ["train", "resume=", "train.steps=30"],
+    "error",
+    setup=before,
+    check=both(one_paragraph("resume"), after),
+    cwd=lambda c: c.vars["copy"],
+    cmd="(cwd: a copy of the sine run) train resume='' train.steps=30",
+)
+
+# ------------------------------------------------------------------------------ unknown_flags
+# Every command answers an unknown flag with the same one paragraph (Hydra's parser printed its
+# usage and exited 1; argparse printed its usage).
+
+for slug, argv in [
+    ("top-level", ["--bogus"]),
+    ("train", ["train", "--bogus"]),
+    ("eval", ["eval", "{ref_sine}", "--bogus"]),
+    ("compare", ["compare", "--bogus"]),
+    ("predict", ["predict", "--bogus"]),
+]:
+    add("unknown_flags", slug, argv, "error", check=one_paragraph("--bogus"))
+
+# ------------------------------------------------------------------------------------ signals
+# SIGTERM stops training within one step: a checkpoint of that step, `Stopped by SIGTERM`,
+# exit 2, and the same command with resume=true ends with an uninterrupted run's test metrics.
+# Nothing is logged or validated between step 1 and the end (log_every, eval.every and
+# checkpoint_every beyond train.steps), so no logged step's sync hides a late stop.
+
+SIG = [
+    "train.steps=3000",
+    "train.log_every=100000",
+    "eval.every=100000",
+    "train.checkpoint_every=100000",
+    "eval.num_tasks=20",
+    "eval.val_tasks=10",
+    "progress=false",
+]
+LISTS["@sig"], SHORT["@sig"] = SIG, "<SIG>"
+SIG_STEPS = 3000
+
+
+def sigterm_resume(slug, delay):
+    @scenario(
+        "signals",
+        slug,
+        f"train <SIG>; SIGTERM {delay} s after step 1 is logged; the same + resume=true",
+        "ok",
+    )
+    def run(c: CaseCtx):
+        base = c.h.uninterrupted("signals", ["train", *SIG])
+        run_dir = c.dir / "R"
+        c.vars["R"] = c.vars["copy"] = str(run_dir)
+        argv = ["train", "@sig", "hydra.run.dir={R}"]
+        proc = c.spawn(argv, name="first")
+        deadline = time.time() + c.h.timeout
+        while proc.poll() is None and time.time() < deadline:
+            if count_lines(run_dir / "metrics.jsonl") >= 1:  # step 1's record
+                break
+            time.sleep(0.01)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            c.failures.append("setup: the run ended before the signal")
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        first = c.finish(proc, timeout=60)
+        took = time.time() - sent
+        step = checkpoint_step(run_dir)
+        c.notes.append(f"stopped at step {step}/{SIG_STEPS}, exit {first.rc} {took:.1f} s after")
+        if first.rc != 2 or "Stopped by SIGTERM" not in first.stderr:
+            c.failures.append(f"the SIGTERM'd run: exit {first.rc}, no 'Stopped by SIGTERM'")
+        if step is None:
+            c.failures.append("no loadable latest.npz after SIGTERM")
+        elif step >= SIG_STEPS:
+            c.failures.append("the run went on to its last step after SIGTERM")
+        p = c.ml([*argv, "resume=true"])
+        same_test_metrics(c, p, run_dir, base)
+        return p
+
+
+sigterm_resume("sigterm-early-resume-true", 0.3)
+sigterm_resume("sigterm-later-resume-true", 1.5)
+
+
 # ---------------------------------------------------------------------------------- harness
 
 
@@ -1837,7 +2073,7 @@ class Harness:
         }
         self.pristine = {k: self.root / "pristine" / v.name for k, v in self.refs.items()}
         self.pristine_hash: dict[str, dict] = {}
-        self._baseline = None
+        self._baselines: dict[str, dict] = {}
         self._tiny = None
         env = {
             k: v
@@ -1949,14 +2185,19 @@ class Harness:
 
     def kill_baseline(self) -> dict | None:
         """The uninterrupted run that kill_resume cases must match (trained on first use)."""
-        if self._baseline is None:
-            run = self.root / "kill_baseline"
-            p = self.run(["train", *KILL, f"hydra.run.dir={run}"], self.root, self.env, 600)
+        return self.uninterrupted("kill", ["train", *KILL])
+
+    def uninterrupted(self, name: str, argv: list[str]) -> dict | None:
+        """The summary of argv run without interruption (trained on first use), with `_lines`:
+        its metrics.jsonl's line count; None if it failed."""
+        if name not in self._baselines:
+            run = self.root / f"{name}_baseline"
+            p = self.run([*argv, f"hydra.run.dir={run}"], self.root, self.env, 600)
             summary = read_json(run / "summary.json") if p.rc == 0 else None
-            self._baseline = (
+            self._baselines[name] = (
                 {**summary, "_lines": count_lines(run / "metrics.jsonl")} if (summary) else {}
             )
-        return self._baseline or None
+        return self._baselines[name] or None
 
     def tiny_zips(self) -> Path:
         if self._tiny is None:
