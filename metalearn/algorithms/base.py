@@ -4,6 +4,7 @@ episodic objective that `make_algorithm` gives a learner unless it brings its ow
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -38,6 +39,10 @@ class AlgoConfig:
     reads_padded: it reads padded splits (types.Split.mask) in every loss, prototype, statistic
         and metric (through split_loss / split_outputs / masked_mean), so it can train on
         variable-way, variable-shot episodes (DataConfig.padded).
+    predictive: what its predict returns for regression (PREDICTIVES): "point" predictions, or
+        a "gaussian" predictive distribution, a pair (mean, std) of arrays shaped as the
+        targets, which it is trained and scored by through gaussian_loss (log-likelihood per
+        target point, MSE, and at meta-test the coverage of central predictive intervals).
     An algorithm's own cross-group rules go in `check_with(config)`.
     """
 
@@ -47,6 +52,7 @@ class AlgoConfig:
     norms: ClassVar[tuple[str, ...]] = ("transductive",)
     any_way: ClassVar[bool] = False
     reads_padded: ClassVar[bool] = False
+    predictive: ClassVar[str] = "point"
 
     name: str = MISSING
     # Start the model's parameter groups `init_groups` (labels: metalearn/models/groups.py) from
@@ -189,6 +195,37 @@ def regression_loss(
     return loss, {"loss": loss}
 
 
+# central predictive intervals whose coverage meta-test reports: level -> the half-width in
+# standard deviations, Phi^-1((1 + level) / 2)
+COVERAGE_LEVELS = {
+    level: statistics.NormalDist().inv_cdf((1 + level / 100) / 2) for level in (50, 90, 95)
+}
+
+
+def gaussian_loss(
+    outputs: tuple[jax.Array, jax.Array], targets: jax.Array, mask=None, classes=None
+) -> tuple[jax.Array, Metrics]:
+    """The negative log-likelihood per target point of a Gaussian predictive, outputs = (mean,
+    std) shaped as targets [n, d] (a point's log-likelihood sums over its d outputs), over the
+    real examples (mask). Metrics: loss, log_likelihood (its negative), mse of the mean, and at
+    meta-test coverage_L: the share of target values inside the central L% interval of their
+    predictive (for L in COVERAGE_LEVELS), computed per task (the evaluation reports their mean
+    over test tasks). classes: classification only, unused."""
+    mean, std = outputs
+    z = (targets - mean) / std
+    log_p = -0.5 * jnp.square(z) - jnp.log(std) - 0.5 * math.log(2 * math.pi)
+    n = len(targets)
+    log_likelihood = masked_mean(log_p.reshape(n, -1).sum(-1), mask)
+    mse = masked_mean(jnp.square(targets - mean).reshape(n, -1).mean(-1), mask)
+    metrics = {"loss": -log_likelihood, "log_likelihood": log_likelihood, "mse": mse}
+    if norm.is_testing():  # the evaluator's trace: not in every training step
+        abs_z = jax.lax.stop_gradient(jnp.abs(z)).reshape(n, -1)
+        for level, half_width in COVERAGE_LEVELS.items():
+            inside = (abs_z <= half_width).astype(abs_z.dtype).mean(-1)
+            metrics[f"coverage_{level}"] = masked_mean(inside, mask)
+    return -log_likelihood, metrics
+
+
 def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     """The mean over axis 0 of the real examples (all of them when mask is None)."""
     if mask is None:
@@ -217,7 +254,12 @@ def split_loss(
     """loss_fn of apply(split.x) against split.y over the real examples; with the episode's
     support set, among the classes it has (None: a classifier over all its outputs)."""
     outputs = split_outputs(apply, split)
-    classes = None if support is None else episode_classes(support, outputs.shape[-1])
+    # classes name a classifier's outputs; a predictive distribution's outputs are a tuple
+    classes = (
+        None
+        if support is None or isinstance(outputs, tuple)
+        else episode_classes(support, outputs.shape[-1])
+    )
     if split.mask is None and classes is None:  # unpadded: any loss_fn(outputs, targets) serves
         return loss_fn(outputs, split.y)
     return loss_fn(outputs, split.y, split.mask, classes)
@@ -233,8 +275,14 @@ def query_loss(loss_fn: LossFn, apply: Callable, task) -> tuple[jax.Array, Metri
     return split_loss(loss_fn, apply, task.query, task.support)
 
 
-def task_loss_fn(kind: str) -> LossFn:
-    return classification_loss if kind == "classification" else regression_loss
+PREDICTIVES = ("point", "gaussian")
+
+
+def task_loss_fn(kind: str, predictive: str = "point") -> LossFn:
+    """The loss of a data kind for a learner whose predict returns `predictive` (AlgoConfig)."""
+    if kind == "classification":
+        return classification_loss
+    return gaussian_loss if predictive == "gaussian" else regression_loss
 
 
 def sgd_adapt(
