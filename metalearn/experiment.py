@@ -52,7 +52,10 @@ class Experiment(NamedTuple):
 
     @property
     def classification(self) -> bool:
-        return self.source.kind == "classification"
+        # scored by accuracy; tasks that are inner problems (data/problems.py) are losses to
+        # minimise, scored by the loss even where the problem classifies (data=mlp_tasks)
+        inner = getattr(type(self.cfg.data), "inner_problems", False)
+        return self.source.kind == "classification" and not inner
 
     @property
     def eval_inner_steps(self) -> int:

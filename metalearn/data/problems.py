@@ -20,11 +20,14 @@ class InnerProblem(NamedTuple):
     init(key) -> params: the starting parameters (a pytree; their shapes do not depend on the task)
     apply(params, x) -> outputs: what the parameters compute on a split's inputs
     loss(params, split) -> scalar: the loss an inner optimizer minimises on a task's split
+    minibatch(split, key) -> split: the examples one inner step reads (a fresh minibatch drawn
+        from `key` per step, for stochastic problems); None: every step reads the whole split
     """
 
     init: Callable[[jax.Array], Params]
     apply: Callable[[Params, Any], Any]
     loss: Callable[[Params, Split], jax.Array]
+    minibatch: Callable[[Split, jax.Array], Split] | None = None
 
 
 @dataclass

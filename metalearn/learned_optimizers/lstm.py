@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metalearn.learned_optimizers import LearnedOptimizer, register
 from metalearn.learned_optimizers._preprocess import log_and_sign
@@ -40,27 +41,28 @@ def make(cfg) -> LearnedOptimizer:
         return {"cells": cells, "out": out}
 
     def init_state(theta, params):
-        def zeros(leaf):
-            shape = (math.prod(leaf.shape), hidden)
-            return tuple((jnp.zeros(shape, leaf.dtype),) * 2 for _ in range(layers))
-
-        return jax.tree.map(zeros, params)
+        # one (h, c) per layer for every coordinate of every leaf, as one [n, hidden] array: the
+        # cells run once over all coordinates (one program whatever the number of leaves)
+        n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        return tuple((jnp.zeros((n, hidden), dtype),) * 2 for _ in range(layers))
 
     def update(theta, grads, state, params):
         leaves, treedef = jax.tree.flatten(grads)
-        states = treedef.flatten_up_to(state)
-        updates, new_states = [], []
-        for g, s in zip(leaves, states):
-            x = log_and_sign(g.reshape(-1), p)  # every coordinate is a batch row
-            new_s = []
-            for weights, (h, c) in zip(theta["cells"], s):
-                h, c = cell(weights, x, h, c)
-                new_s.append((h, c))
-                x = h
-            u = scale * (x @ theta["out"]["w"] + theta["out"]["b"])[:, 0]
-            updates.append(u.reshape(g.shape).astype(g.dtype))
-            new_states.append(tuple(new_s))
-        return treedef.unflatten(updates), treedef.unflatten(new_states)
+        g = jnp.concatenate([leaf.reshape(-1) for leaf in leaves])
+        x = log_and_sign(g, p)  # every coordinate is a batch row
+        new_state = []
+        for weights, (h, c) in zip(theta["cells"], state):
+            h, c = cell(weights, x, h, c)
+            new_state.append((h, c))
+            x = h
+        u = scale * (x @ theta["out"]["w"] + theta["out"]["b"])[:, 0]
+        cuts = np.cumsum([leaf.size for leaf in leaves])[:-1]
+        updates = [
+            part.reshape(leaf.shape).astype(leaf.dtype)
+            for part, leaf in zip(jnp.split(u, cuts), leaves)
+        ]
+        return treedef.unflatten(updates), tuple(new_state)
 
     return LearnedOptimizer(init, init_state, update)
 
