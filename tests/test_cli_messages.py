@@ -79,6 +79,8 @@ TRAINING_ONLY = {
     "eval.val_tasks=7": "eval.num_tasks",
     "seed=4": "eval.seed",
     "algo.init_from=/elsewhere": None,
+    "algo.first_order=true": None,  # declared by MAML's schema (training_only)
+    "algo.remat=true": None,
 }
 USED_BY_EVAL = ["eval.num_tasks=5", "data.k_shot=3", "eval.inner_steps=2", "algo.inner_lr=0.1"]
 

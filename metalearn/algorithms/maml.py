@@ -47,6 +47,12 @@ from metalearn.types import Algorithm
 class MAMLConfig(AlgoConfig):
     norms: ClassVar[tuple[str, ...]] = ("transductive", "inductive")
     reads_padded: ClassVar[bool] = True
+    # what only the meta-gradient or the outer update reads: adapted parameters are the same
+    # values without them, so `metalearn eval` refuses them (metalearn/eval_overrides.py)
+    training_only: ClassVar[tuple[str, ...]] = (
+        "first_order", "first_order_until", "multi_step_loss", "remat", "outer_lr_schedule",
+        "min_outer_lr",
+    )  # fmt: skip
     name: str = "maml"
     inner_lr: float = 0.4
     inner_steps: int = 1
