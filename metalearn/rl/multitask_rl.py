@@ -34,7 +34,7 @@ from metalearn.envs.base import KIND, Env, make_env
 from metalearn.models import Model
 from metalearn.rl.maml_rl import Policy, episode_return
 from metalearn.rl.policy_mlp import check_feedforward
-from metalearn.rl.ppo import gae, ppo_loss
+from metalearn.rl.ppo import gae, ppo_epochs, ppo_loss
 from metalearn.rl.trial import observation_input, run_trial
 from metalearn.types import Algorithm, Objective
 
@@ -171,24 +171,10 @@ def make(
         batch = jax.vmap(sample, (None, 0, 0))(params, tasks, keys)  # [B, n, T, ...]
         batch = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), batch)  # [B n, T, ...]
         n = keys.shape[0] * cfg.trajectories
-        size = n // cfg.minibatches
-
-        def epoch(carry, key):
-            order = jax.random.permutation(key, n).reshape(cfg.minibatches, size)
-
-            def minibatch(carry, idx):
-                p, s = carry
-                (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
-                    p, jax.tree.map(lambda a: a[idx], batch)
-                )
-                updates, s = ppo_optimizer.update(grads, s, p)
-                return (optax.apply_updates(p, updates), s), metrics
-
-            return jax.lax.scan(minibatch, carry, order)
-
-        epoch_keys = jax.random.split(jax.random.fold_in(keys[0], 1), cfg.epochs)
-        (new_params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), epoch_keys)
-        metrics = jax.tree.map(lambda m: m[-1].mean(), metrics)  # the last pass's
+        new_params, opt_state, metrics = ppo_epochs(
+            loss, ppo_optimizer, params, opt_state, batch, n, jax.random.fold_in(keys[0], 1),
+            epochs=cfg.epochs, minibatches=cfg.minibatches,
+        )  # fmt: skip
         metrics["return"] = episode_return(batch)
         direction = jax.tree.map(jnp.subtract, params, new_params)  # sgd(1) applies it
         return direction, opt_state, metrics

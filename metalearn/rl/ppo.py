@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def gae(rewards, values, dones, last_value, gamma: float, lam: float):
@@ -45,3 +46,31 @@ def ppo_loss(logp, old_logp, advantages, values, returns, entropy, *, clip: floa
         "approx_kl": (old_logp - logp).mean(),
         "clip_fraction": (jnp.abs(ratio - 1) > clip).mean(),
     }
+
+
+def ppo_epochs(loss, optimizer, params, opt_state, batch, n: int, key, *, epochs: int,
+               minibatches: int):  # fmt: skip
+    """PPO's update: `epochs` passes over the n examples of `batch` (each leaf's leading axis),
+    each in `minibatches` random minibatches, one `optimizer` step on `loss(params, minibatch)`
+    (which returns (loss, metrics)) per minibatch, all in lax.scan.
+
+    Returns (params, opt_state, the last pass's metrics averaged over its minibatches).
+    """
+    size = n // minibatches
+
+    def epoch(carry, key):
+        order = jax.random.permutation(key, n).reshape(minibatches, size)
+
+        def minibatch(carry, idx):
+            p, s = carry
+            (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
+                p, jax.tree.map(lambda a: a[idx], batch)
+            )
+            updates, s = optimizer.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), metrics
+
+        return jax.lax.scan(minibatch, carry, order)
+
+    keys = jax.random.split(key, epochs)
+    (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), keys)
+    return params, opt_state, jax.tree.map(lambda m: m[-1].mean(), metrics)

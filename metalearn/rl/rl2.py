@@ -25,7 +25,7 @@ from metalearn.algorithms.base import AlgoConfig
 from metalearn.checks import ConfigError, positive, require
 from metalearn.envs.base import KIND, Env, make_env
 from metalearn.models import Model, feature_size
-from metalearn.rl.ppo import gae, ppo_loss
+from metalearn.rl.ppo import gae, ppo_epochs, ppo_loss
 from metalearn.rl.trial import run_trial, transition_input
 from metalearn.types import Algorithm, Objective
 
@@ -159,24 +159,10 @@ def make(
     def gradient(params, opt_state, tasks, keys, step, task_mean):
         batch = rollouts(params, tasks, keys)
         n = keys.shape[0]
-        size = n // cfg.minibatches
-
-        def epoch(carry, key):
-            order = jax.random.permutation(key, n).reshape(cfg.minibatches, size)
-
-            def minibatch(carry, idx):
-                p, s = carry
-                (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
-                    p, jax.tree.map(lambda a: a[idx], batch)
-                )
-                updates, s = ppo_optimizer.update(grads, s, p)
-                return (optax.apply_updates(p, updates), s), metrics
-
-            return jax.lax.scan(minibatch, carry, order)
-
-        epoch_keys = jax.random.split(jax.random.fold_in(keys[0], 1), cfg.epochs)
-        (new_params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), epoch_keys)
-        metrics = jax.tree.map(lambda m: m[-1].mean(), metrics)  # the last pass's
+        new_params, opt_state, metrics = ppo_epochs(
+            loss, ppo_optimizer, params, opt_state, batch, n, jax.random.fold_in(keys[0], 1),
+            epochs=cfg.epochs, minibatches=cfg.minibatches,
+        )  # fmt: skip
         metrics.update(
             {k: v.mean() for k, v in trial_metrics(batch[0], env).items() if k != "loss"}
         )
