@@ -9,6 +9,7 @@ run's own and refuses real changes of its experiment, naming them.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from omegaconf import OmegaConf
 
 from metalearn.config import ConfigError, parse_overrides, to_config
 from metalearn.rundir import RUN_MARKERS, RunDir, RunDirError, read_run_yaml
+
+log = logging.getLogger("metalearn")
 
 
 def plan(dcfg, hydra_cfg, run, overrides: list[str]):
@@ -171,7 +174,14 @@ def write_run_config(run, hydra_cfg, cfg, overrides: list[str]) -> None:
     saved = run.path / ".hydra" / "overrides.yaml"
     if (run.path / ".hydra" / "config.yaml").is_file() and saved.is_file():
         previous = read_run_yaml(saved)
-        previous = previous if isinstance(previous, list) else []
+        if not (isinstance(previous, list) and all(isinstance(o, str) for o in previous)):
+            log.warning(
+                "%s is damaged (not a list of overrides): it is rewritten with this command's "
+                "overrides, so the record of the command that started the run is lost (the "
+                "run's settings are in .hydra/config.yaml, which is intact).",
+                saved,
+            )
+            previous = []
         skip = ("resume=", "hydra.")
         overrides = previous + [
             o for o in overrides if not o.startswith(skip) and o not in previous

@@ -217,3 +217,13 @@ def test_the_command_refuses_it_in_one_paragraph(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "eval.batch" in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_damaged_overrides_record_is_rewritten_with_a_warning(sine_cfg, tmp_path, caplog):
+    run = RunDir(tmp_path / "run")
+    run_plan.write_run_config(run, {}, sine_cfg, SINE)
+    (run.path / ".hydra" / "overrides.yaml").write_text("{not: a list}\n")
+    with caplog.at_level("WARNING", logger="metalearn"):
+        run_plan.write_run_config(run, {}, sine_cfg, ["train.steps=9"])
+    assert "overrides.yaml is damaged" in caplog.text
+    assert run_plan.run_overrides(run) == ["train.steps=9"]
