@@ -94,6 +94,7 @@ LEARNING_CHECKED_AS_MAML = {"metasgd", "mamlpp"}
 IMAGE_LEARNERS = {
     name for name, option in registry.options("algo").items()
     if "classification" in option.schema.kinds
+    and not getattr(option.schema, "needs_inner_problems", False)
 }  # fmt: skip
 LEARN_STEPS = 100
 
