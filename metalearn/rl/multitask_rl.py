@@ -28,13 +28,13 @@ from jax.flatten_util import ravel_pytree
 
 from metalearn import registry
 from metalearn.algorithms.base import AlgoConfig
-from metalearn.checks import ConfigError, positive, require
+from metalearn.checks import ConfigError, require
 from metalearn.conditioning import VECTOR_CONDITIONINGS, make_conditioned_model
 from metalearn.envs.base import KIND, Env, make_env
 from metalearn.models import Model
 from metalearn.rl.maml_rl import Policy, episode_return
 from metalearn.rl.policy_mlp import check_feedforward
-from metalearn.rl.ppo import gae, ppo_epochs, ppo_loss
+from metalearn.rl.ppo import check_ppo_settings, gae, ppo_epochs, ppo_loss
 from metalearn.rl.trial import observation_input, run_trial
 from metalearn.types import Algorithm, Objective
 
@@ -61,16 +61,7 @@ class MultitaskRLConfig(AlgoConfig):
             1 <= self.trajectories <= 100_000,
             f"algo.trajectories={self.trajectories} is not allowed: give 1 to 100,000.",
         )
-        require(0 <= self.gamma <= 1, f"algo.gamma={self.gamma} must lie in [0, 1].")
-        require(0 <= self.gae_lambda <= 1, f"algo.gae_lambda={self.gae_lambda} must lie in [0, 1].")
-        positive("algo.clip", self.clip)
-        positive("algo.max_grad_norm", self.max_grad_norm)
-        for key in ("epochs", "minibatches"):
-            value = getattr(self, key)
-            require(1 <= value <= 1000, f"algo.{key}={value} is not allowed: give 1 to 1000.")
-        for key in ("value_coef", "entropy_coef"):
-            value = getattr(self, key)
-            require(value >= 0, f"algo.{key}={value} must be >= 0.")
+        check_ppo_settings(self)
 
     def check_with(self, config: Any) -> None:
         check_feedforward(config)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metalearn.checks import positive, require
+
 
 def gae(rewards, values, dones, last_value, gamma: float, lam: float):
     """Advantages and returns [T] of one trajectory. dones[t] marks that step t ended the
@@ -74,3 +76,18 @@ def ppo_epochs(loss, optimizer, params, opt_state, batch, n: int, key, *, epochs
     keys = jax.random.split(key, epochs)
     (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), keys)
     return params, opt_state, jax.tree.map(lambda m: m[-1].mean(), metrics)
+
+
+def check_ppo_settings(cfg) -> None:
+    """The PPO settings a learner's schema shares (gamma, gae_lambda, clip, max_grad_norm,
+    epochs, minibatches, value_coef, entropy_coef), each refused by name when out of range."""
+    require(0 <= cfg.gamma <= 1, f"algo.gamma={cfg.gamma} must lie in [0, 1].")
+    require(0 <= cfg.gae_lambda <= 1, f"algo.gae_lambda={cfg.gae_lambda} must lie in [0, 1].")
+    positive("algo.clip", cfg.clip)
+    positive("algo.max_grad_norm", cfg.max_grad_norm)
+    for key in ("epochs", "minibatches"):
+        value = getattr(cfg, key)
+        require(1 <= value <= 1000, f"algo.{key}={value} is not allowed: give 1 to 1000.")
+    for key in ("value_coef", "entropy_coef"):
+        value = getattr(cfg, key)
+        require(value >= 0, f"algo.{key}={value} must be >= 0.")

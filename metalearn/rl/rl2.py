@@ -22,10 +22,10 @@ import optax
 
 from metalearn import registry
 from metalearn.algorithms.base import AlgoConfig
-from metalearn.checks import ConfigError, positive, require
+from metalearn.checks import ConfigError, require
 from metalearn.envs.base import KIND, Env, make_env
 from metalearn.models import Model, feature_size
-from metalearn.rl.ppo import gae, ppo_epochs, ppo_loss
+from metalearn.rl.ppo import check_ppo_settings, gae, ppo_epochs, ppo_loss
 from metalearn.rl.trial import run_trial, transition_input
 from metalearn.types import Algorithm, Objective
 
@@ -46,16 +46,7 @@ class RL2Config(AlgoConfig):
     normalize_advantages: bool = True  # per minibatch, as PPO's reference code does
 
     def __post_init__(self) -> None:
-        require(0 <= self.gamma <= 1, f"algo.gamma={self.gamma} must lie in [0, 1].")
-        require(0 <= self.gae_lambda <= 1, f"algo.gae_lambda={self.gae_lambda} must lie in [0, 1].")
-        positive("algo.clip", self.clip)
-        positive("algo.max_grad_norm", self.max_grad_norm)
-        for key in ("epochs", "minibatches"):
-            value = getattr(self, key)
-            require(1 <= value <= 1000, f"algo.{key}={value} is not allowed: give 1 to 1000.")
-        for key in ("value_coef", "entropy_coef"):
-            value = getattr(self, key)
-            require(value >= 0, f"algo.{key}={value} must be >= 0.")
+        check_ppo_settings(self)
 
     def check_with(self, config: Any) -> None:
         batch = config.train.meta_batch
